@@ -1,0 +1,317 @@
+// nanobind module syncbn._core: converts arrays to core views, releases the GIL, and
+// exposes the primitives, communicators and build facts. No math here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "syncbn/communicator.h"
+#include "syncbn/errors.h"
+#include "syncbn/ops.h"
+#ifdef SYNCBN_WITH_MPI
+#include "syncbn/mpi_communicator.h"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using syncbn::TensorView;
+
+namespace {
+
+using Array = nb::ndarray<nb::ro>;
+
+template <class A>
+TensorView to_view(const A& a, const char* name, bool read_only) {
+  DLTensor t{};
+  t.data = a.data_handle();
+  t.byte_offset = a.byte_offset();
+  t.ndim = int32_t(a.ndim());
+  t.shape = const_cast<int64_t*>(a.shape_ptr());
+  t.strides = const_cast<int64_t*>(a.stride_ptr());
+  t.dtype = DLDataType{a.dtype().code, a.dtype().bits, a.dtype().lanes};
+  t.device = DLDevice{DLDeviceType(a.device_type()), a.device_id()};
+  return syncbn::from_dlpack(t, name, read_only);
+}
+
+// Imports arguments and keeps them alive for the duration of one call.
+struct Args {
+  std::vector<nb::ndarray<>> writable_held;
+  std::vector<Array> read_held;
+
+  TensorView view(nb::handle obj, const char* name, bool writable) {
+    // convert=false: an output must be the caller's memory, never a converted copy.
+    nb::ndarray<> w;
+    if (writable && nb::try_cast(obj, w, false)) {
+      writable_held.push_back(w);
+      return to_view(w, name, false);
+    }
+    Array ro;
+    if (nb::try_cast(obj, ro, false)) {
+      read_held.push_back(ro);
+      // Only a read-only array fails the writable import and passes this one; the core
+      // then names the argument in its error.
+      return to_view(ro, name, writable);
+    }
+    throw syncbn::TypeError(std::string(name) +
+                            ": expected an array supporting DLPack or the buffer protocol, got " +
+                            nb::type_name(obj.type()).c_str());
+  }
+
+  std::optional<TensorView> maybe(nb::handle obj, const char* name, bool writable) {
+    if (obj.is_none()) return std::nullopt;
+    return view(obj, name, writable);
+  }
+};
+
+const TensorView* ptr(const std::optional<TensorView>& v) { return v ? &*v : nullptr; }
+
+// A communicator implemented in Python: integer `rank`, `size`, and `allreduce(buf)` that
+// sums a 1-D float64 NumPy array in place (or returns the summed array).
+class PythonCommunicator final : public syncbn::Communicator {
+ public:
+  explicit PythonCommunicator(nb::object obj) : obj_(std::move(obj)) {
+    rank_ = nb::cast<int>(obj_.attr("rank"));
+    size_ = nb::cast<int>(obj_.attr("size"));
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* kind() const override { return "python"; }
+  nb::object object() const { return obj_; }
+
+  void allreduce_sum(double* data, int64_t count, syncbn::Device device, void*) override {
+    if (device.type != syncbn::DeviceType::CPU)
+      syncbn::fail("buffer: a Python communicator takes host buffers, got ",
+                   syncbn::device_name(device));
+    nb::gil_scoped_acquire gil;
+    // A copy the callee owns: it may keep a reference without dangling into the core.
+    double* copy = new double[size_t(count)];
+    std::memcpy(copy, data, size_t(count) * sizeof(double));
+    nb::capsule owner(copy, [](void* p) noexcept { delete[] static_cast<double*>(p); });
+    size_t shape[1] = {size_t(count)};
+    nb::object arr = nb::cast(nb::ndarray<nb::numpy, double, nb::ndim<1>>(copy, 1, shape, owner));
+    nb::object out = obj_.attr("allreduce")(arr);
+    if (!out.is_none() && !out.is(arr)) {
+      nb::ndarray<nb::ro, double, nb::ndim<1>, nb::device::cpu> res;
+      if (!nb::try_cast(out, res) || res.shape(0) != size_t(count))
+        syncbn::fail<syncbn::TypeError>(
+            "comm: allreduce(buf) must sum buf in place and return None (or return the summed "
+            "1-D float64 array of length ", count, ")");
+      for (int64_t i = 0; i < count; ++i) data[i] = res.data()[i * res.stride(0)];
+      return;
+    }
+    std::memcpy(data, copy, size_t(count) * sizeof(double));
+  }
+
+ private:
+  nb::object obj_;
+  int rank_ = 0, size_ = 1;
+};
+
+nb::dict build_info() {
+  nb::dict d;
+  d["version"] = SYNCBN_VERSION;
+  d["threads"] = syncbn::num_threads();
+#ifdef SYNCBN_WITH_MPI
+  d["mpi"] = true;
+  d["mpi_library_version"] = syncbn::mpi_library_version();
+#else
+  d["mpi"] = false;
+  d["mpi_library_version"] = nb::none();
+#endif
+#ifdef SYNCBN_WITH_OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["cuda"] = false;
+  d["nccl"] = false;
+#if defined(__clang__)
+  d["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = "gcc " __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "syncbn core bindings (internal; use the syncbn package)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const syncbn::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const syncbn::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const syncbn::CommError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  nb::class_<syncbn::Communicator>(m, "Communicator", nb::dynamic_attr())
+      .def_prop_ro("rank", &syncbn::Communicator::rank)
+      .def_prop_ro("size", &syncbn::Communicator::size)
+      .def_prop_ro("kind", &syncbn::Communicator::kind)
+      .def("__repr__", [](const syncbn::Communicator& c) {
+        return std::string("<syncbn communicator ") + c.kind() + " rank=" +
+               std::to_string(c.rank()) + " size=" + std::to_string(c.size()) + ">";
+      });
+  nb::class_<syncbn::LocalCommunicator, syncbn::Communicator>(m, "LocalCommunicator")
+      .def(nb::init<>());
+  nb::class_<PythonCommunicator, syncbn::Communicator>(m, "PythonCommunicator")
+      .def(nb::init<nb::object>(), "obj"_a)
+      .def_prop_ro("object", &PythonCommunicator::object);
+#ifdef SYNCBN_WITH_MPI
+  nb::class_<syncbn::MpiCommunicator, syncbn::Communicator>(m, "MpiCommunicator")
+      .def("__init__",
+           [](syncbn::MpiCommunicator* self, uint64_t handle) {
+             // MPI_Comm is an int in MPICH and a pointer in Open MPI: copy its bytes.
+             MPI_Comm c;
+             static_assert(sizeof(MPI_Comm) <= sizeof(handle), "MPI_Comm wider than 64 bits");
+             std::memcpy(&c, &handle, sizeof(MPI_Comm));
+             new (self) syncbn::MpiCommunicator(c);
+           },
+           "handle"_a);
+  m.def("mpi_library_version", &syncbn::mpi_library_version);
+#endif
+
+  m.def(
+      "batch_norm_stats",
+      [](nb::handle x, int axis, nb::handle buffer) {
+        Args a;
+        TensorView xv = a.view(x, "x", false), bv = a.view(buffer, "buffer", true);
+        nb::gil_scoped_release nogil;
+        syncbn::batch_norm_stats(xv, axis, bv);
+      },
+      "x"_a, "axis"_a, "buffer"_a);
+
+  m.def(
+      "allreduce",
+      [](nb::handle buffer, syncbn::Communicator& comm) {
+        Args a;
+        TensorView bv = a.view(buffer, "buffer", true);
+        nb::gil_scoped_release nogil;
+        syncbn::allreduce(bv, comm);
+      },
+      "buffer"_a, "comm"_a);
+
+  m.def(
+      "batch_norm_gather_stats",
+      [](nb::handle buffer, double momentum, double eps, nb::handle running_mean,
+         nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var) {
+        Args a;
+        TensorView bv = a.view(buffer, "buffer", false);
+        auto rm = a.maybe(running_mean, "running_mean", true);
+        auto rv = a.maybe(running_var, "running_var", true);
+        TensorView mv = a.view(mean, "mean", true), sv = a.view(invstd, "invstd", true);
+        auto vv = a.maybe(var, "var", true);
+        nb::gil_scoped_release nogil;
+        return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv,
+                                               ptr(vv));
+      },
+      "buffer"_a, "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
+      "mean"_a, "invstd"_a, "var"_a.none());
+
+  m.def(
+      "batch_norm_elemt",
+      [](nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle weight,
+         nb::handle bias, nb::handle y) {
+        Args a;
+        TensorView xv = a.view(x, "x", false);
+        TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
+        auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
+        TensorView yv = a.view(y, "y", true);
+        nb::gil_scoped_release nogil;
+        syncbn::batch_norm_elemt(xv, axis, mv, sv, ptr(wv), ptr(bv), yv);
+      },
+      "x"_a, "axis"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "bias"_a.none(), "y"_a);
+
+  m.def(
+      "batch_norm_backward_reduce",
+      [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
+         nb::handle sums, nb::handle grad_weight, nb::handle grad_bias) {
+        Args a;
+        TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
+        TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
+        TensorView su = a.view(sums, "sums", true);
+        auto gw = a.maybe(grad_weight, "grad_weight", true);
+        auto gb = a.maybe(grad_bias, "grad_bias", true);
+        nb::gil_scoped_release nogil;
+        syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb));
+      },
+      "dy"_a, "x"_a, "axis"_a, "mean"_a, "invstd"_a, "sums"_a, "grad_weight"_a.none(),
+      "grad_bias"_a.none());
+
+  m.def(
+      "batch_norm_backward_elemt",
+      [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
+         nb::handle weight, nb::handle sums, double count, nb::handle dx) {
+        Args a;
+        TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
+        TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
+        auto wv = a.maybe(weight, "weight", false);
+        TensorView su = a.view(sums, "sums", false), dxv = a.view(dx, "dx", true);
+        nb::gil_scoped_release nogil;
+        syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, count, dxv);
+      },
+      "dy"_a, "x"_a, "axis"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "sums"_a, "count"_a,
+      "dx"_a);
+
+  m.def(
+      "forward",
+      [](nb::handle x, nb::handle weight, nb::handle bias, nb::handle running_mean,
+         nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
+         bool training, double momentum, double eps, int axis, syncbn::Communicator& comm) {
+        Args a;
+        TensorView xv = a.view(x, "x", false);
+        auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
+        auto rm = a.maybe(running_mean, "running_mean", true);
+        auto rv = a.maybe(running_var, "running_var", true);
+        TensorView yv = a.view(y, "y", true);
+        TensorView sm = a.view(save_mean, "save_mean", true);
+        TensorView si = a.view(save_invstd, "save_invstd", true);
+        syncbn::ForwardOptions opt;
+        opt.axis = axis;
+        opt.training = training;
+        opt.momentum = momentum;
+        opt.eps = eps;
+        nb::gil_scoped_release nogil;
+        return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si);
+      },
+      "x"_a, "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
+      "running_var"_a.none(), "y"_a, "save_mean"_a, "save_invstd"_a, "training"_a,
+      "momentum"_a, "eps"_a, "axis"_a, "comm"_a);
+
+  m.def(
+      "backward",
+      [](nb::handle dy, nb::handle x, nb::handle save_mean, nb::handle save_invstd,
+         nb::handle weight, nb::handle dx, nb::handle grad_weight, nb::handle grad_bias,
+         bool training, double count, int axis, syncbn::Communicator& comm) {
+        Args a;
+        TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
+        TensorView sm = a.view(save_mean, "save_mean", false);
+        TensorView si = a.view(save_invstd, "save_invstd", false);
+        auto wv = a.maybe(weight, "weight", false);
+        auto dxv = a.maybe(dx, "dx", true);
+        auto gw = a.maybe(grad_weight, "grad_weight", true);
+        auto gb = a.maybe(grad_bias, "grad_bias", true);
+        syncbn::BackwardOptions opt;
+        opt.axis = axis;
+        opt.training = training;
+        opt.count = count;
+        nb::gil_scoped_release nogil;
+        syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, comm, ptr(dxv), ptr(gw), ptr(gb));
+      },
+      "dy"_a, "x"_a, "save_mean"_a, "save_invstd"_a, "weight"_a.none(), "dx"_a.none(),
+      "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a, "axis"_a,
+      "comm"_a);
+
+  m.def("build_info", &build_info);
+}

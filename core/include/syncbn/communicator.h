@@ -1,0 +1,31 @@
+// Communicators: anything with a rank, a size and an in-place SUM all-reduce.
+#pragma once
+
+#include <cstdint>
+
+#include "syncbn/tensor.h"
+
+namespace syncbn {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Sums `count` doubles in place across all ranks. `data` lives on `device`; `stream`
+  // is the caller's CUDA stream for device buffers (unused for host buffers).
+  virtual void allreduce_sum(double* data, int64_t count, Device device, void* stream) = 0;
+  // Human-readable kind, for repr and errors ("local", "mpi", "python", ...).
+  virtual const char* kind() const = 0;
+};
+
+// World of one: the all-reduce is the identity.
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void allreduce_sum(double*, int64_t, Device, void*) override {}
+  const char* kind() const override { return "local"; }
+};
+
+}  // namespace syncbn

@@ -1,0 +1,30 @@
+// MPI communicator over a caller-owned MPI_Comm (not freed here).
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+
+#include "syncbn/communicator.h"
+
+namespace syncbn {
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm);
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void allreduce_sum(double* data, int64_t count, Device device, void* stream) override;
+  const char* kind() const override { return "mpi"; }
+  MPI_Comm comm() const { return comm_; }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+// MPI_Get_library_version of the MPI this core was linked with (callable before init).
+std::string mpi_library_version();
+
+}  // namespace syncbn

@@ -1,0 +1,45 @@
+#include "syncbn/mpi_communicator.h"
+
+#include <climits>
+
+#include "syncbn/errors.h"
+
+namespace syncbn {
+
+static void check_mpi(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char msg[MPI_MAX_ERROR_STRING] = {};
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  fail<CommError>(what, " failed: ", msg);
+}
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    fail<CommError>("comm: MPI is not initialized (or already finalized); initialize it first "
+                    "(e.g. `from mpi4py import MPI`)");
+  if (comm == MPI_COMM_NULL) fail("comm: expected a valid MPI communicator, got MPI_COMM_NULL");
+  check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm, &size_), "MPI_Comm_size");
+}
+
+void MpiCommunicator::allreduce_sum(double* data, int64_t count, Device device, void*) {
+  if (device.type != DeviceType::CPU)
+    fail("buffer: the MPI communicator takes host buffers in this build, got ",
+         device_name(device));
+  if (count > INT_MAX) fail("buffer: expected at most ", INT_MAX, " values, got ", count);
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, int(count), MPI_DOUBLE, MPI_SUM, comm_),
+            "MPI_Allreduce");
+}
+
+std::string mpi_library_version() {
+  char buf[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int len = 0;
+  MPI_Get_library_version(buf, &len);
+  return std::string(buf, size_t(len));
+}
+
+}  // namespace syncbn

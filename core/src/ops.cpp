@@ -1,0 +1,447 @@
+// Orchestration of the primitives: validation (all of it before any output is written
+// or any collective runs), layout packing, dispatch to the CPU kernels, communication.
+#include "syncbn/ops.h"
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "dispatch.h"
+#include "syncbn/errors.h"
+#include "syncbn/math.h"
+
+namespace syncbn {
+namespace {
+
+using Vec = std::vector<double>;
+
+// ---- validation --------------------------------------------------------------------
+
+int check_input(const TensorView& x, const char* name, int axis) {
+  if (x.ndim < 2)
+    fail(name, ": expected at least 2 dimensions (N, C, ...), got shape ", x.shape_str());
+  if (axis < -x.ndim || axis >= x.ndim)
+    fail("axis: expected an integer in [", -x.ndim, ", ", x.ndim, ") for ", name, " of shape ",
+         x.shape_str(), ", got ", axis);
+  if (x.device.type != DeviceType::CPU)
+    fail(name, ": expected a CPU array (this build has no CUDA kernels), got ",
+         device_name(x.device));
+  return axis < 0 ? axis + x.ndim : axis;
+}
+
+void check_like(const TensorView& t, const char* name, const TensorView& x, const char* xname,
+                bool writable) {
+  if (t.ndim != x.ndim || !std::equal(t.shape, t.shape + t.ndim, x.shape))
+    fail(name, ": expected shape ", x.shape_str(), " (the shape of ", xname, "), got ",
+         t.shape_str());
+  if (t.dtype != x.dtype)
+    fail<TypeError>(name, ": expected dtype ", dtype_name(x.dtype), " (the dtype of ", xname,
+                    "), got ", dtype_name(t.dtype));
+  if (t.device != x.device)
+    fail(name, ": expected device ", device_name(x.device), " (the device of ", xname, "), got ",
+         device_name(t.device));
+  if (writable && t.read_only) fail(name, ": expected a writable array, got a read-only one");
+}
+
+void check_vec(const TensorView* t, const char* name, int64_t C, Device dev, bool writable,
+               const char* what = "the channel count of x") {
+  if (!t) return;
+  if (t->ndim != 1 || t->shape[0] != C)
+    fail(name, ": expected shape (", C, ",) (", what, "), got ", t->shape_str());
+  if (t->device != dev)
+    fail(name, ": expected device ", device_name(dev), " (the device of x), got ",
+         device_name(t->device));
+  if (writable && t->read_only) fail(name, ": expected a writable array, got a read-only one");
+}
+
+void check_f64(const TensorView& t, const char* name, int64_t n, Device dev, bool writable,
+               const char* what) {
+  check_vec(&t, name, n, dev, writable, what);
+  if (t.dtype != DType::Float64)
+    fail<TypeError>(name, ": expected dtype float64, got ", dtype_name(t.dtype));
+}
+
+void check_scalar(double v, const char* name, bool unit_interval) {
+  if (!std::isfinite(v) || v < 0 || (unit_interval && v > 1))
+    fail(name, ": expected a finite number", unit_interval ? " in [0, 1]" : " >= 0", ", got ", v);
+}
+
+int64_t count_per_channel(const TensorView& x, int axis) {
+  const int64_t C = x.shape[axis];
+  return C > 0 ? x.numel() / C : 0;
+}
+
+// ---- per-channel vectors (CPU) ------------------------------------------------------
+
+Vec read_vec(const TensorView& t) {
+  Vec v(static_cast<size_t>(t.shape[0]));
+  SYNCBN_DISPATCH_FLOATING(t.dtype, T, {
+    const T* p = static_cast<const T*>(t.data);
+    for (int64_t i = 0; i < t.shape[0]; ++i) v[size_t(i)] = load<double>(p + i * t.strides[0]);
+  });
+  return v;
+}
+
+Vec read_vec_or(const TensorView* t, int64_t C, double fill) {
+  return t ? read_vec(*t) : Vec(size_t(C), fill);
+}
+
+void write_vec(const TensorView& t, const double* v) {
+  SYNCBN_DISPATCH_FLOATING(t.dtype, T, {
+    T* p = static_cast<T*>(t.data);
+    for (int64_t i = 0; i < t.shape[0]; ++i) store<double>(p + i * t.strides[0], v[i]);
+  });
+}
+
+// ---- layout -------------------------------------------------------------------------
+
+// Gives every tensor of one op the same dense traversal: x's own layout when it is dense,
+// else a contiguous one; tensors with other strides go through a packed copy.
+class Layout {
+ public:
+  Layout(const TensorView& x, int axis) : ref_(x) {
+    if (!dense_geometry(x, axis, &g_)) {
+      ref_ = contiguous_view(nullptr, x.dtype, x.device, x.ndim, x.shape);
+      dense_geometry(ref_, axis, &g_);
+    }
+  }
+  const Geometry& geometry() const { return g_; }
+
+  const void* input(const TensorView& t) {
+    if (t.same_strides(ref_)) return t.data;
+    TensorView tmp = temp_like(t);
+    copy_strided(t, tmp);
+    return tmp.data;
+  }
+  void* output(const TensorView& t) {
+    if (t.same_strides(ref_)) return t.data;
+    TensorView tmp = temp_like(t);
+    pending_.push_back({tmp, t});
+    return tmp.data;
+  }
+  // Copies outputs that went through a temporary to their destination.
+  void finish() {
+    for (auto& p : pending_) copy_strided(p.first, p.second);
+    pending_.clear();
+  }
+
+ private:
+  TensorView temp_like(const TensorView& t) {
+    const int64_t bytes = t.numel() * dtype_size(t.dtype);
+    temps_.emplace_back(new char[size_t(bytes)]);
+    TensorView v = ref_;
+    v.data = temps_.back().get();
+    v.dtype = t.dtype;
+    return v;
+  }
+  TensorView ref_;
+  Geometry g_;
+  std::vector<std::unique_ptr<char[]>> temps_;
+  std::vector<std::pair<TensorView, TensorView>> pending_;
+};
+
+// ---- unchecked building blocks -------------------------------------------------------
+
+// Local packed moments [P1 | P2 | n] of x (host buffer of 2C+1 doubles).
+void local_stats(const TensorView& x, int axis, double* buf) {
+  const int64_t C = x.shape[axis];
+  const int64_t n = count_per_channel(x, axis);
+  Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0), shift(static_cast<size_t>(C), 0.0);
+  if (n > 0) {
+    Layout lay(x, axis);
+    const Geometry& g = lay.geometry();
+    const void* xp = lay.input(x);
+    SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
+      const T* p = static_cast<const T*>(xp);
+      for (int64_t c = 0; c < C; ++c) shift[size_t(c)] = load<double>(p + c * g.inner);
+    });
+    cpu::batch_norm_stats(xp, x.dtype, g, shift.data(), t1.data(), t2.data());
+  }
+  for (int64_t c = 0; c < C; ++c)
+    pack_local_moments(double(n), shift[size_t(c)], t1[size_t(c)], t2[size_t(c)], &buf[c],
+                       &buf[C + c]);
+  buf[2 * C] = double(n);
+}
+
+// Global statistics from a reduced buffer; updates running stats. Returns the count.
+double gather(const double* buf, int64_t C, double momentum, double eps,
+              const TensorView* running_mean, const TensorView* running_var, double* mean,
+              double* invstd, double* var_b) {
+  const double N = C > 0 ? buf[2 * C] : 0.0;
+  if (N == 0) return 0;
+  if (N == 1)
+    fail("x: expected more than 1 value per channel when training, got a global batch of 1 "
+         "value per channel (all ranks together)");
+  Vec m2(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    const GlobalMoments gm = finalize_moments(buf[c], buf[C + c], N);
+    mean[c] = gm.mean;
+    invstd[c] = invstd_of(gm.var_biased, eps);
+    if (var_b) var_b[c] = gm.var_biased;
+    m2[size_t(c)] = gm.m2;
+  }
+  if (running_mean) {
+    Vec rm = read_vec(*running_mean);
+    for (int64_t c = 0; c < C; ++c) rm[size_t(c)] = (1 - momentum) * rm[size_t(c)] + momentum * mean[c];
+    write_vec(*running_mean, rm.data());
+  }
+  if (running_var) {
+    Vec rv = read_vec(*running_var);
+    for (int64_t c = 0; c < C; ++c)
+      rv[size_t(c)] = (1 - momentum) * rv[size_t(c)] + momentum * (m2[size_t(c)] / (N - 1));
+    write_vec(*running_var, rv.data());
+  }
+  return N;
+}
+
+void elemt(const TensorView& x, int axis, const double* mean, const double* invstd,
+           const double* weight, const double* bias, const TensorView& y) {
+  const int64_t C = x.shape[axis];
+  if (x.numel() == 0) return;
+  Vec scale(static_cast<size_t>(C)), b(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    scale[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
+    b[size_t(c)] = bias ? bias[c] : 0.0;
+  }
+  Layout lay(x, axis);
+  const void* xp = lay.input(x);
+  void* yp = lay.output(y);
+  cpu::batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), mean, scale.data(), b.data());
+  lay.finish();
+}
+
+void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const double* mean,
+                     double* sum_dy, double* sum_dy_xmu) {
+  const int64_t C = x.shape[axis];
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  if (x.numel() == 0) return;
+  Layout lay(x, axis);
+  const void* xp = lay.input(x);
+  const void* dyp = lay.input(dy);
+  cpu::batch_norm_backward_reduce(dyp, xp, x.dtype, lay.geometry(), mean, sum_dy, sum_dy_xmu);
+}
+
+// dx from the global sums; count is the global count per channel.
+void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const double* mean,
+                    const double* invstd, const double* weight, const double* sums,
+                    double count, const TensorView& dx) {
+  const int64_t C = x.shape[axis];
+  if (x.numel() == 0) return;
+  Vec mdy(static_cast<size_t>(C), 0.0), k(static_cast<size_t>(C), 0.0), gain(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    if (sums) {
+      mdy[size_t(c)] = sums[c] / count;
+      k[size_t(c)] = invstd[c] * invstd[c] * (sums[C + c] / count);
+    }
+    gain[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
+  }
+  Layout lay(x, axis);
+  const void* xp = lay.input(x);
+  const void* dyp = lay.input(dy);
+  void* dxp = lay.output(dx);
+  cpu::batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, mdy.data(),
+                                 k.data(), gain.data());
+  lay.finish();
+}
+
+const double* ptr_or_null(const Vec& v, const TensorView* t) { return t ? v.data() : nullptr; }
+
+}  // namespace
+
+// ---- primitives ---------------------------------------------------------------------
+
+void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer) {
+  axis = check_input(x, "x", axis);
+  const int64_t C = x.shape[axis];
+  check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true, "2 * channels + 1");
+  Vec buf(static_cast<size_t>(stats_buffer_size(C)));
+  local_stats(x, axis, buf.data());
+  write_vec(buffer, buf.data());
+}
+
+void allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
+  if (buffer.ndim != 1 || buffer.dtype != DType::Float64)
+    fail<TypeError>("buffer: expected a 1-D float64 array, got ", dtype_name(buffer.dtype),
+                    " of shape ", buffer.shape_str());
+  if (buffer.read_only) fail("buffer: expected a writable array, got a read-only one");
+  if (buffer.shape[0] > 1 && buffer.strides[0] != 1)
+    fail("buffer: expected a contiguous array, got stride ", buffer.strides[0]);
+  comm.allreduce_sum(static_cast<double*>(buffer.data), buffer.shape[0], buffer.device, stream);
+}
+
+double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
+                               const TensorView* running_mean, const TensorView* running_var,
+                               const TensorView& mean, const TensorView& invstd,
+                               const TensorView* var_biased) {
+  if (buffer.ndim != 1 || buffer.shape[0] < 1 || buffer.shape[0] % 2 != 1)
+    fail("buffer: expected a 1-D stats buffer of 2 * channels + 1 values, got shape ",
+         buffer.shape_str());
+  const int64_t C = (buffer.shape[0] - 1) / 2;
+  const Device dev = buffer.device;
+  check_f64(buffer, "buffer", 2 * C + 1, dev, false, "2 * channels + 1");
+  check_scalar(momentum, "momentum", true);
+  check_scalar(eps, "eps", false);
+  check_vec(running_mean, "running_mean", C, dev, true, "the channel count of buffer");
+  check_vec(running_var, "running_var", C, dev, true, "the channel count of buffer");
+  check_vec(&mean, "mean", C, dev, true, "the channel count of buffer");
+  check_vec(&invstd, "invstd", C, dev, true, "the channel count of buffer");
+  check_vec(var_biased, "var", C, dev, true, "the channel count of buffer");
+  const Vec buf = read_vec(buffer);
+  Vec m(static_cast<size_t>(C)), s(static_cast<size_t>(C)), v(static_cast<size_t>(C));
+  const double N = gather(buf.data(), C, momentum, eps, running_mean, running_var, m.data(),
+                          s.data(), v.data());
+  if (N > 0) {
+    write_vec(mean, m.data());
+    write_vec(invstd, s.data());
+    if (var_biased) write_vec(*var_biased, v.data());
+  }
+  return N;
+}
+
+void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
+                      const TensorView& invstd, const TensorView* weight, const TensorView* bias,
+                      const TensorView& y) {
+  axis = check_input(x, "x", axis);
+  const int64_t C = x.shape[axis];
+  check_vec(&mean, "mean", C, x.device, false);
+  check_vec(&invstd, "invstd", C, x.device, false);
+  check_vec(weight, "weight", C, x.device, false);
+  check_vec(bias, "bias", C, x.device, false);
+  check_like(y, "y", x, "x", true);
+  const Vec m = read_vec(mean), s = read_vec(invstd);
+  const Vec w = read_vec_or(weight, C, 1.0), b = read_vec_or(bias, C, 0.0);
+  elemt(x, axis, m.data(), s.data(), ptr_or_null(w, weight), ptr_or_null(b, bias), y);
+}
+
+void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int axis,
+                                const TensorView& mean, const TensorView& invstd,
+                                const TensorView& sums, const TensorView* grad_weight,
+                                const TensorView* grad_bias) {
+  axis = check_input(x, "x", axis);
+  const int64_t C = x.shape[axis];
+  check_like(dy, "dy", x, "x", false);
+  check_vec(&mean, "mean", C, x.device, false);
+  check_vec(&invstd, "invstd", C, x.device, false);
+  check_f64(sums, "sums", backward_buffer_size(C), x.device, true, "2 * channels");
+  check_vec(grad_weight, "grad_weight", C, x.device, true);
+  check_vec(grad_bias, "grad_bias", C, x.device, true);
+  const Vec m = read_vec(mean), s = read_vec(invstd);
+  Vec buf(static_cast<size_t>(2 * C));
+  backward_reduce(dy, x, axis, m.data(), buf.data(), buf.data() + C);
+  if (grad_weight) {
+    Vec gw(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) gw[size_t(c)] = buf[size_t(C + c)] * s[size_t(c)];
+    write_vec(*grad_weight, gw.data());
+  }
+  if (grad_bias) write_vec(*grad_bias, buf.data());
+  write_vec(sums, buf.data());
+}
+
+void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int axis,
+                               const TensorView& mean, const TensorView& invstd,
+                               const TensorView* weight, const TensorView& sums, double count,
+                               const TensorView& dx) {
+  axis = check_input(x, "x", axis);
+  const int64_t C = x.shape[axis];
+  check_like(dy, "dy", x, "x", false);
+  check_vec(&mean, "mean", C, x.device, false);
+  check_vec(&invstd, "invstd", C, x.device, false);
+  check_vec(weight, "weight", C, x.device, false);
+  check_vec(&sums, "sums", backward_buffer_size(C), x.device, false, "2 * channels");
+  check_like(dx, "dx", x, "x", true);
+  if (!std::isfinite(count) || count < count_per_channel(x, axis) || (count <= 0 && x.numel() > 0))
+    fail("count: expected the global count per channel (at least this rank's ",
+         count_per_channel(x, axis), "), got ", count);
+  const Vec m = read_vec(mean), s = read_vec(invstd), sm = read_vec(sums);
+  const Vec w = read_vec_or(weight, C, 1.0);
+  backward_elemt(dy, x, axis, m.data(), s.data(), ptr_or_null(w, weight), sm.data(), count, dx);
+}
+
+// ---- composed -----------------------------------------------------------------------
+
+double forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
+               const TensorView* running_mean, const TensorView* running_var,
+               const ForwardOptions& opt, Communicator& comm, const TensorView& y,
+               const TensorView& save_mean, const TensorView& save_invstd) {
+  const int axis = check_input(x, "x", opt.axis);
+  const int64_t C = x.shape[axis];
+  const Device dev = x.device;
+  check_vec(weight, "weight", C, dev, false);
+  check_vec(bias, "bias", C, dev, false);
+  check_vec(running_mean, "running_mean", C, dev, true);
+  check_vec(running_var, "running_var", C, dev, true);
+  if (bool(running_mean) != bool(running_var))
+    fail(running_mean ? "running_var" : "running_mean",
+         ": expected an array when ", running_mean ? "running_mean" : "running_var",
+         " is given (both or neither)");
+  if (!opt.training && !running_mean)
+    fail("running_mean: expected running statistics when training=False, got None");
+  check_scalar(opt.momentum, "momentum", true);
+  check_scalar(opt.eps, "eps", false);
+  check_like(y, "y", x, "x", true);
+  check_f64(save_mean, "save_mean", C, dev, true, "the channel count of x");
+  check_f64(save_invstd, "save_invstd", C, dev, true, "the channel count of x");
+
+  Vec mean(static_cast<size_t>(C)), invstd(static_cast<size_t>(C));
+  double count;
+  if (opt.training) {
+    Vec buf(static_cast<size_t>(stats_buffer_size(C)));
+    local_stats(x, axis, buf.data());
+    comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
+    count = gather(buf.data(), C, opt.momentum, opt.eps, running_mean, running_var,
+                   mean.data(), invstd.data(), nullptr);
+    if (count == 0) return 0;
+  } else {
+    mean = read_vec(*running_mean);
+    const Vec rv = read_vec(*running_var);
+    for (int64_t c = 0; c < C; ++c) invstd[size_t(c)] = invstd_of(rv[size_t(c)], opt.eps);
+    count = double(count_per_channel(x, axis));
+  }
+  const Vec w = read_vec_or(weight, C, 1.0), b = read_vec_or(bias, C, 0.0);
+  elemt(x, axis, mean.data(), invstd.data(), ptr_or_null(w, weight), ptr_or_null(b, bias), y);
+  write_vec(save_mean, mean.data());
+  write_vec(save_invstd, invstd.data());
+  return count;
+}
+
+void backward(const TensorView& dy, const TensorView& x, const TensorView& save_mean,
+              const TensorView& save_invstd, const TensorView* weight,
+              const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
+              const TensorView* grad_weight, const TensorView* grad_bias) {
+  const int axis = check_input(x, "x", opt.axis);
+  const int64_t C = x.shape[axis];
+  const Device dev = x.device;
+  check_like(dy, "dy", x, "x", false);
+  check_vec(&save_mean, "save_mean", C, dev, false);
+  check_vec(&save_invstd, "save_invstd", C, dev, false);
+  check_vec(weight, "weight", C, dev, false);
+  if (dx) check_like(*dx, "dx", x, "x", true);
+  check_vec(grad_weight, "grad_weight", C, dev, true);
+  check_vec(grad_bias, "grad_bias", C, dev, true);
+  const bool sync = dx && opt.training;
+  if (sync && (!std::isfinite(opt.count) || opt.count < count_per_channel(x, axis)))
+    fail("count: expected the global count per channel from forward, got ", opt.count);
+
+  const Vec m = read_vec(save_mean), s = read_vec(save_invstd);
+  Vec sums(static_cast<size_t>(backward_buffer_size(C)), 0.0);
+  if (grad_weight || grad_bias || sync)
+    backward_reduce(dy, x, axis, m.data(), sums.data(), sums.data() + C);
+  if (grad_weight) {
+    Vec gw(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) gw[size_t(c)] = sums[size_t(C + c)] * s[size_t(c)];
+    write_vec(*grad_weight, gw.data());
+  }
+  if (grad_bias) write_vec(*grad_bias, sums.data());
+  if (!dx) return;
+  const Vec w = read_vec_or(weight, C, 1.0);
+  if (sync) {
+    if (opt.count == 0) return;  // every rank is empty: all skip the collective alike
+    comm.allreduce_sum(sums.data(), int64_t(sums.size()), Device{}, opt.stream);
+  }
+  backward_elemt(dy, x, axis, m.data(), s.data(), ptr_or_null(w, weight),
+                 sync ? sums.data() : nullptr, opt.count, *dx);
+}
+
+}  // namespace syncbn

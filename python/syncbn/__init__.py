@@ -1,0 +1,51 @@
+"""syncbn: synchronized batch normalization over DLPack arrays.
+
+In training every rank normalizes with the mean and variance of the global batch (all
+ranks together); gradients equal plain batch norm's on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from . import _core, comm
+from .functional import (
+    BatchNormContext,
+    allreduce,
+    batch_norm_backward,
+    batch_norm_backward_elemt,
+    batch_norm_backward_reduce,
+    batch_norm_elemt,
+    batch_norm_forward,
+    batch_norm_gather_stats,
+    batch_norm_stats,
+)
+
+__version__ = _core.build_info()["version"]
+
+__all__ = [
+    "BatchNormContext",
+    "allreduce",
+    "batch_norm_backward",
+    "batch_norm_backward_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_elemt",
+    "batch_norm_forward",
+    "batch_norm_gather_stats",
+    "batch_norm_stats",
+    "build_info",
+    "comm",
+]
+
+
+def build_info() -> dict:
+    """What this build has: version, cuda, nccl, mpi (and the MPI library version),
+    openmp, threads (SYNCBN_NUM_THREADS or the CPUs this process may use), compiler."""
+    return dict(_core.build_info())
+
+
+def __getattr__(name):
+    # syncbn.numpy is imported on first use so `import syncbn` stays light.
+    if name == "numpy":
+        import importlib
+
+        return importlib.import_module(".numpy", __name__)
+    raise AttributeError(f"module 'syncbn' has no attribute {name!r}")

@@ -1,0 +1,132 @@
+"""Communicators: who SyncBN sums its statistics with.
+
+A communicator is anything with integer ``rank`` and ``size`` and an in-place sum
+all-reduce. Built in: :func:`local` (a world of one) and :func:`mpi` (an mpi4py
+communicator, sub-communicators from ``Split`` included). Any Python object with integer
+``rank``/``size`` attributes and a method ``allreduce(buf)`` that sums a 1-D float64
+NumPy array in place across ranks works too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import _core
+
+__all__ = ["Communicator", "local", "mpi", "as_communicator", "default"]
+
+Communicator = _core.Communicator
+
+# Environment variables that the common launchers set in every rank (MPICH/Hydra, Open
+# MPI, PMIx, Slurm).
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def local() -> Communicator:
+    """A communicator of size 1: SyncBN becomes plain batch norm, nothing is sent."""
+    return _core.LocalCommunicator()
+
+
+def _check_same_mpi(MPI) -> None:
+    info = _core.build_info()
+    if not info["mpi"]:
+        raise RuntimeError(
+            "comm: syncbn was built without MPI (SYNCBN_WITH_MPI resolved OFF), so an mpi4py "
+            "communicator cannot be used; reinstall syncbn where mpi.h and libmpi are found "
+            "(the 'mpich' wheel provides them) or pass an object with rank, size and "
+            "allreduce(buf)"
+        )
+    ours = info["mpi_library_version"].strip()
+    theirs = MPI.Get_library_version().strip()
+    if ours != theirs:
+        first = lambda s: s.splitlines()[0] if s else "?"  # noqa: E731
+        raise RuntimeError(
+            "comm: syncbn was built against a different MPI than the one mpi4py loaded "
+            f"(syncbn: {first(ours)!r}; mpi4py: {first(theirs)!r}). Their communicator "
+            "handles are not interchangeable; install both against the same MPI, e.g. "
+            "`pip install --force-reinstall --no-cache-dir mpich mpi4py syncbn`."
+        )
+
+
+def mpi(comm=None) -> Communicator:
+    """The MPI communicator of an mpi4py ``comm`` (default ``MPI.COMM_WORLD``).
+
+    The all-reduce runs in the compiled core with the GIL released. ``comm`` is kept
+    alive (not duplicated) for as long as the returned communicator is.
+    """
+    from mpi4py import MPI
+
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm: expected an mpi4py communicator (mpi4py.MPI.Comm), got "
+                        f"{type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError("comm: expected a valid MPI communicator, got MPI.COMM_NULL")
+    if not isinstance(comm, MPI.Intracomm) or comm.Is_inter():
+        raise TypeError("comm: expected an intra-communicator, got an inter-communicator")
+    _check_same_mpi(MPI)
+    c = _core.MpiCommunicator(MPI._handleof(comm))
+    c.mpi4py_comm = comm  # keeps the handle valid
+    return c
+
+
+def _is_mpi4py_comm(obj) -> bool:
+    mod = sys.modules.get("mpi4py.MPI")
+    return mod is not None and isinstance(obj, mod.Comm)
+
+
+def as_communicator(obj) -> Communicator:
+    """Turns None, a syncbn communicator, an mpi4py communicator or a user object with
+    ``rank``, ``size`` and ``allreduce(buf)`` into a communicator the core can call."""
+    if obj is None:
+        return default()
+    if isinstance(obj, _core.Communicator):
+        return obj
+    if _is_mpi4py_comm(obj):
+        return mpi(obj)
+    missing = [n for n in ("rank", "size", "allreduce") if not hasattr(obj, n)]
+    if missing or not callable(obj.allreduce):
+        raise TypeError(
+            "comm: expected a syncbn communicator, an mpi4py communicator, or an object with "
+            "integer attributes `rank` and `size` and a method `allreduce(buf)`; got "
+            f"{type(obj).__name__} without {', '.join(missing) or 'a callable allreduce'}"
+        )
+    for name in ("rank", "size"):
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
+            raise TypeError(f"comm: expected an integer `{name}`, got {type(v).__name__}")
+    if not 0 <= int(obj.rank) < int(obj.size):
+        raise ValueError(f"comm: expected 0 <= rank < size, got rank={obj.rank}, "
+                         f"size={obj.size}")
+    return _core.PythonCommunicator(obj)
+
+
+_default = None
+
+
+def _launched_by_mpi() -> bool:
+    for var in _LAUNCHER_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def default() -> Communicator:
+    """The communicator used when none is given: ``MPI.COMM_WORLD`` when the process runs
+    under an MPI launcher (or mpi4py is already initialized) with more than one rank,
+    else :func:`local`. Resolved once per process."""
+    global _default
+    if _default is None:
+        world = None
+        if "mpi4py.MPI" in sys.modules or _launched_by_mpi():
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+                world = mpi(MPI.COMM_WORLD)
+        _default = world if world is not None else local()
+    return _default
