@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "syncbn/build_config.h"
 #include "syncbn/communicator.h"
 #include "syncbn/errors.h"
 #include "syncbn/ops.h"
@@ -111,30 +112,20 @@ class PythonCommunicator final : public syncbn::Communicator {
 };
 
 nb::dict build_info() {
+  const syncbn::BuildConfig c = syncbn::build_config();
   nb::dict d;
-  d["version"] = SYNCBN_VERSION;
+  d["version"] = c.version;
   d["threads"] = syncbn::num_threads();
+  d["mpi"] = c.mpi;
 #ifdef SYNCBN_WITH_MPI
-  d["mpi"] = true;
   d["mpi_library_version"] = syncbn::mpi_library_version();
 #else
-  d["mpi"] = false;
   d["mpi_library_version"] = nb::none();
 #endif
-#ifdef SYNCBN_WITH_OPENMP
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
-  d["cuda"] = false;
-  d["nccl"] = false;
-#if defined(__clang__)
-  d["compiler"] = "clang " __clang_version__;
-#elif defined(__GNUC__)
-  d["compiler"] = "gcc " __VERSION__;
-#else
-  d["compiler"] = "unknown";
-#endif
+  d["openmp"] = c.openmp;
+  d["cuda"] = c.cuda;
+  d["nccl"] = c.nccl;
+  d["compiler"] = c.compiler;
   return d;
 }
 
