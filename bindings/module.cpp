@@ -67,7 +67,9 @@ struct Args {
   }
 };
 
-const TensorView* ptr(const std::optional<TensorView>& v) { return v ? &*v : nullptr; }
+const TensorView* ptr(const std::optional<TensorView>& v) {
+  return v ? &*v : nullptr;
+}
 
 // A communicator implemented in Python: integer `rank`, `size`, and `allreduce(buf)` that
 // sums a 1-D float64 NumPy array in place (or returns the summed array).
@@ -99,7 +101,8 @@ class PythonCommunicator final : public syncbn::Communicator {
       if (!nb::try_cast(out, res) || res.shape(0) != size_t(count))
         syncbn::fail<syncbn::TypeError>(
             "comm: allreduce(buf) must sum buf in place and return None (or return the summed "
-            "1-D float64 array of length ", count, ")");
+            "1-D float64 array of length ",
+            count, ")");
       for (int64_t i = 0; i < count; ++i) data[i] = res.data()[i * res.stride(0)];
       return;
     }
@@ -151,8 +154,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("size", &syncbn::Communicator::size)
       .def_prop_ro("kind", &syncbn::Communicator::kind)
       .def("__repr__", [](const syncbn::Communicator& c) {
-        return std::string("<syncbn communicator ") + c.kind() + " rank=" +
-               std::to_string(c.rank()) + " size=" + std::to_string(c.size()) + ">";
+        return std::string("<syncbn communicator ") + c.kind() +
+               " rank=" + std::to_string(c.rank()) + " size=" + std::to_string(c.size()) + ">";
       });
   nb::class_<syncbn::LocalCommunicator, syncbn::Communicator>(m, "LocalCommunicator")
       .def(nb::init<>());
@@ -161,15 +164,16 @@ NB_MODULE(_core, m) {
       .def_prop_ro("object", &PythonCommunicator::object);
 #ifdef SYNCBN_WITH_MPI
   nb::class_<syncbn::MpiCommunicator, syncbn::Communicator>(m, "MpiCommunicator")
-      .def("__init__",
-           [](syncbn::MpiCommunicator* self, uint64_t handle) {
-             // MPI_Comm is an int in MPICH and a pointer in Open MPI: copy its bytes.
-             MPI_Comm c;
-             static_assert(sizeof(MPI_Comm) <= sizeof(handle), "MPI_Comm wider than 64 bits");
-             std::memcpy(&c, &handle, sizeof(MPI_Comm));
-             new (self) syncbn::MpiCommunicator(c);
-           },
-           "handle"_a);
+      .def(
+          "__init__",
+          [](syncbn::MpiCommunicator* self, uint64_t handle) {
+            // MPI_Comm is an int in MPICH and a pointer in Open MPI: copy its bytes.
+            MPI_Comm c;
+            static_assert(sizeof(MPI_Comm) <= sizeof(handle), "MPI_Comm wider than 64 bits");
+            std::memcpy(&c, &handle, sizeof(MPI_Comm));
+            new (self) syncbn::MpiCommunicator(c);
+          },
+          "handle"_a);
   m.def("mpi_library_version", &syncbn::mpi_library_version);
 #endif
 
@@ -181,7 +185,7 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_stats(xv, axis, bv);
       },
-      "x"_a, "axis"_a, "buffer"_a);
+      "x"_a.none(), "axis"_a, "buffer"_a.none());
 
   m.def(
       "allreduce",
@@ -191,7 +195,7 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::allreduce(bv, comm);
       },
-      "buffer"_a, "comm"_a);
+      "buffer"_a.none(), "comm"_a);
 
   m.def(
       "batch_norm_gather_stats",
@@ -207,8 +211,8 @@ NB_MODULE(_core, m) {
         return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv,
                                                ptr(vv));
       },
-      "buffer"_a, "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
-      "mean"_a, "invstd"_a, "var"_a.none());
+      "buffer"_a.none(), "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
+      "mean"_a.none(), "invstd"_a.none(), "var"_a.none());
 
   m.def(
       "batch_norm_elemt",
@@ -222,12 +226,13 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_elemt(xv, axis, mv, sv, ptr(wv), ptr(bv), yv);
       },
-      "x"_a, "axis"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "bias"_a.none(), "y"_a);
+      "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
+      "bias"_a.none(), "y"_a.none());
 
   m.def(
       "batch_norm_backward_reduce",
-      [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
-         nb::handle sums, nb::handle grad_weight, nb::handle grad_bias) {
+      [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle sums,
+         nb::handle grad_weight, nb::handle grad_bias) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -237,8 +242,8 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb));
       },
-      "dy"_a, "x"_a, "axis"_a, "mean"_a, "invstd"_a, "sums"_a, "grad_weight"_a.none(),
-      "grad_bias"_a.none());
+      "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "sums"_a.none(),
+      "grad_weight"_a.none(), "grad_bias"_a.none());
 
   m.def(
       "batch_norm_backward_elemt",
@@ -252,8 +257,8 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, count, dxv);
       },
-      "dy"_a, "x"_a, "axis"_a, "mean"_a, "invstd"_a, "weight"_a.none(), "sums"_a, "count"_a,
-      "dx"_a);
+      "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
+      "sums"_a.none(), "count"_a, "dx"_a.none());
 
   m.def(
       "forward",
@@ -263,8 +268,9 @@ NB_MODULE(_core, m) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
-        auto rm = a.maybe(running_mean, "running_mean", true);
-        auto rv = a.maybe(running_var, "running_var", true);
+        // Eval only reads the running stats: read-only (e.g. memory-mapped) ones are fine.
+        auto rm = a.maybe(running_mean, "running_mean", training);
+        auto rv = a.maybe(running_var, "running_var", training);
         TensorView yv = a.view(y, "y", true);
         TensorView sm = a.view(save_mean, "save_mean", true);
         TensorView si = a.view(save_invstd, "save_invstd", true);
@@ -276,9 +282,9 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si);
       },
-      "x"_a, "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
-      "running_var"_a.none(), "y"_a, "save_mean"_a, "save_invstd"_a, "training"_a,
-      "momentum"_a, "eps"_a, "axis"_a, "comm"_a);
+      "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
+      "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
+      "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a);
 
   m.def(
       "backward",
@@ -300,9 +306,9 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, comm, ptr(dxv), ptr(gw), ptr(gb));
       },
-      "dy"_a, "x"_a, "save_mean"_a, "save_invstd"_a, "weight"_a.none(), "dx"_a.none(),
-      "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a, "axis"_a,
-      "comm"_a);
+      "dy"_a.none(), "x"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(), "weight"_a.none(),
+      "dx"_a.none(), "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a,
+      "axis"_a, "comm"_a);
 
   m.def("build_info", &build_info);
 }

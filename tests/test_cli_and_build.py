@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import syncbn
+
 from conftest import ROOT, run_mpi
 
 

@@ -147,7 +147,8 @@ class Layout {
 void local_stats(const TensorView& x, int axis, double* buf) {
   const int64_t C = x.shape[axis];
   const int64_t n = count_per_channel(x, axis);
-  Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0), shift(static_cast<size_t>(C), 0.0);
+  Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0),
+      shift(static_cast<size_t>(C), 0.0);
   if (n > 0) {
     Layout lay(x, axis);
     const Geometry& g = lay.geometry();
@@ -171,8 +172,9 @@ double gather(const double* buf, int64_t C, double momentum, double eps,
   const double N = C > 0 ? buf[2 * C] : 0.0;
   if (N == 0) return 0;
   if (N == 1)
-    fail("x: expected more than 1 value per channel when training, got a global batch of 1 "
-         "value per channel (all ranks together)");
+    fail(
+        "x: expected more than 1 value per channel when training, got a global batch of 1 "
+        "value per channel (all ranks together)");
   Vec m2(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
     const GlobalMoments gm = finalize_moments(buf[c], buf[C + c], N);
@@ -183,7 +185,8 @@ double gather(const double* buf, int64_t C, double momentum, double eps,
   }
   if (running_mean) {
     Vec rm = read_vec(*running_mean);
-    for (int64_t c = 0; c < C; ++c) rm[size_t(c)] = (1 - momentum) * rm[size_t(c)] + momentum * mean[c];
+    for (int64_t c = 0; c < C; ++c)
+      rm[size_t(c)] = (1 - momentum) * rm[size_t(c)] + momentum * mean[c];
     write_vec(*running_mean, rm.data());
   }
   if (running_var) {
@@ -225,11 +228,12 @@ void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const 
 
 // dx from the global sums; count is the global count per channel.
 void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const double* mean,
-                    const double* invstd, const double* weight, const double* sums,
-                    double count, const TensorView& dx) {
+                    const double* invstd, const double* weight, const double* sums, double count,
+                    const TensorView& dx) {
   const int64_t C = x.shape[axis];
   if (x.numel() == 0) return;
-  Vec mdy(static_cast<size_t>(C), 0.0), k(static_cast<size_t>(C), 0.0), gain(static_cast<size_t>(C));
+  Vec mdy(static_cast<size_t>(C), 0.0), k(static_cast<size_t>(C), 0.0),
+      gain(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
     if (sums) {
       mdy[size_t(c)] = sums[c] / count;
@@ -241,12 +245,14 @@ void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const d
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);
-  cpu::batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, mdy.data(),
-                                 k.data(), gain.data());
+  cpu::batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, mdy.data(), k.data(),
+                                 gain.data());
   lay.finish();
 }
 
-const double* ptr_or_null(const Vec& v, const TensorView* t) { return t ? v.data() : nullptr; }
+const double* ptr_or_null(const Vec& v, const TensorView* t) {
+  return t ? v.data() : nullptr;
+}
 
 }  // namespace
 
@@ -290,8 +296,8 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
   check_vec(var_biased, "var", C, dev, true, "the channel count of buffer");
   const Vec buf = read_vec(buffer);
   Vec m(static_cast<size_t>(C)), s(static_cast<size_t>(C)), v(static_cast<size_t>(C));
-  const double N = gather(buf.data(), C, momentum, eps, running_mean, running_var, m.data(),
-                          s.data(), v.data());
+  const double N =
+      gather(buf.data(), C, momentum, eps, running_mean, running_var, m.data(), s.data(), v.data());
   if (N > 0) {
     write_vec(mean, m.data());
     write_vec(invstd, s.data());
@@ -370,12 +376,11 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   const Device dev = x.device;
   check_vec(weight, "weight", C, dev, false);
   check_vec(bias, "bias", C, dev, false);
-  check_vec(running_mean, "running_mean", C, dev, true);
-  check_vec(running_var, "running_var", C, dev, true);
+  check_vec(running_mean, "running_mean", C, dev, opt.training);
+  check_vec(running_var, "running_var", C, dev, opt.training);
   if (bool(running_mean) != bool(running_var))
-    fail(running_mean ? "running_var" : "running_mean",
-         ": expected an array when ", running_mean ? "running_mean" : "running_var",
-         " is given (both or neither)");
+    fail(running_mean ? "running_var" : "running_mean", ": expected an array when ",
+         running_mean ? "running_mean" : "running_var", " is given (both or neither)");
   if (!opt.training && !running_mean)
     fail("running_mean: expected running statistics when training=False, got None");
   check_scalar(opt.momentum, "momentum", true);
@@ -390,8 +395,8 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     Vec buf(static_cast<size_t>(stats_buffer_size(C)));
     local_stats(x, axis, buf.data());
     comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
-    count = gather(buf.data(), C, opt.momentum, opt.eps, running_mean, running_var,
-                   mean.data(), invstd.data(), nullptr);
+    count = gather(buf.data(), C, opt.momentum, opt.eps, running_mean, running_var, mean.data(),
+                   invstd.data(), nullptr);
     if (count == 0) return 0;
   } else {
     mean = read_vec(*running_mean);
@@ -407,9 +412,9 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
 }
 
 void backward(const TensorView& dy, const TensorView& x, const TensorView& save_mean,
-              const TensorView& save_invstd, const TensorView* weight,
-              const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
-              const TensorView* grad_weight, const TensorView* grad_bias) {
+              const TensorView& save_invstd, const TensorView* weight, const BackwardOptions& opt,
+              Communicator& comm, const TensorView* dx, const TensorView* grad_weight,
+              const TensorView* grad_bias) {
   const int axis = check_input(x, "x", opt.axis);
   const int64_t C = x.shape[axis];
   const Device dev = x.device;

@@ -74,10 +74,14 @@ TensorView from_dlpack(const DLTensor& t, const char* name, bool read_only) {
   TensorView v;
   const DLDataType dt = t.dtype;
   if (dt.lanes != 1) fail<TypeError>(name, ": expected scalar elements, got ", dt.lanes, " lanes");
-  if (dt.code == kDLFloat && dt.bits == 16) v.dtype = DType::Float16;
-  else if (dt.code == kDLFloat && dt.bits == 32) v.dtype = DType::Float32;
-  else if (dt.code == kDLFloat && dt.bits == 64) v.dtype = DType::Float64;
-  else if (dt.code == kDLBfloat && dt.bits == 16) v.dtype = DType::BFloat16;
+  if (dt.code == kDLFloat && dt.bits == 16)
+    v.dtype = DType::Float16;
+  else if (dt.code == kDLFloat && dt.bits == 32)
+    v.dtype = DType::Float32;
+  else if (dt.code == kDLFloat && dt.bits == 64)
+    v.dtype = DType::Float64;
+  else if (dt.code == kDLBfloat && dt.bits == 16)
+    v.dtype = DType::BFloat16;
   else
     fail<TypeError>(name, ": expected a floating dtype (float16, bfloat16, float32, float64), got ",
                     dl_code_name(dt.code), int(dt.bits));
@@ -102,8 +106,7 @@ TensorView from_dlpack(const DLTensor& t, const char* name, bool read_only) {
   return v;
 }
 
-TensorView contiguous_view(void* data, DType dtype, Device device, int ndim,
-                           const int64_t* shape) {
+TensorView contiguous_view(void* data, DType dtype, Device device, int ndim, const int64_t* shape) {
   TensorView v;
   v.data = data;
   v.dtype = dtype;
@@ -128,8 +131,10 @@ bool dense_geometry(const TensorView& t, int axis, Geometry* g) {
   for (int d = 0; d < t.ndim; ++d) {
     if (d == axis || t.shape[d] == 1) continue;
     if (t.strides[d] <= 0) return false;
-    if (C > 1 && t.strides[d] > cs) outer[no++] = {t.strides[d], t.shape[d]};
-    else inner[ni++] = {t.strides[d], t.shape[d]};
+    if (C > 1 && t.strides[d] > cs)
+      outer[no++] = {t.strides[d], t.shape[d]};
+    else
+      inner[ni++] = {t.strides[d], t.shape[d]};
   }
   std::sort(inner, inner + ni);
   std::sort(outer, outer + no);

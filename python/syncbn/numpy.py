@@ -60,6 +60,11 @@ class SyncBatchNorm:
 
     def forward(self, x, training=True):
         training = bool(training)
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) >= 2 and -len(shape) <= self.axis < len(shape) \
+                and shape[self.axis] != self.num_features:
+            raise ValueError(f"x: expected {self.num_features} channels (num_features) along "
+                             f"axis {self.axis}, got shape {tuple(shape)}")
         # PyTorch's rule: batch statistics in training, or whenever there are no running
         # ones; synchronize only in training.
         use_batch_stats = training or self.running_mean is None

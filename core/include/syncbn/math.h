@@ -66,7 +66,9 @@ SYNCBN_HD half_t float_to_half(float f) {
   return half_t{uint16_t(out | sign)};
 }
 
-SYNCBN_HD float bfloat16_to_float(bfloat16_t b) { return bits_to_float(uint32_t(b.bits) << 16); }
+SYNCBN_HD float bfloat16_to_float(bfloat16_t b) {
+  return bits_to_float(uint32_t(b.bits) << 16);
+}
 
 SYNCBN_HD bfloat16_t float_to_bfloat16(float f) {
   const uint32_t x = float_to_bits(f);
@@ -77,22 +79,38 @@ SYNCBN_HD bfloat16_t float_to_bfloat16(float f) {
 
 // Uniform load/store in the accumulation type `A` (double on CPU).
 template <class A>
-SYNCBN_HD A load(const float* p) { return A(*p); }
+SYNCBN_HD A load(const float* p) {
+  return A(*p);
+}
 template <class A>
-SYNCBN_HD A load(const double* p) { return A(*p); }
+SYNCBN_HD A load(const double* p) {
+  return A(*p);
+}
 template <class A>
-SYNCBN_HD A load(const half_t* p) { return A(half_to_float(*p)); }
+SYNCBN_HD A load(const half_t* p) {
+  return A(half_to_float(*p));
+}
 template <class A>
-SYNCBN_HD A load(const bfloat16_t* p) { return A(bfloat16_to_float(*p)); }
+SYNCBN_HD A load(const bfloat16_t* p) {
+  return A(bfloat16_to_float(*p));
+}
 
 template <class A>
-SYNCBN_HD void store(float* p, A v) { *p = float(v); }
+SYNCBN_HD void store(float* p, A v) {
+  *p = float(v);
+}
 template <class A>
-SYNCBN_HD void store(double* p, A v) { *p = double(v); }
+SYNCBN_HD void store(double* p, A v) {
+  *p = double(v);
+}
 template <class A>
-SYNCBN_HD void store(half_t* p, A v) { *p = float_to_half(float(v)); }
+SYNCBN_HD void store(half_t* p, A v) {
+  *p = float_to_half(float(v));
+}
 template <class A>
-SYNCBN_HD void store(bfloat16_t* p, A v) { *p = float_to_bfloat16(float(v)); }
+SYNCBN_HD void store(bfloat16_t* p, A v) {
+  *p = float_to_bfloat16(float(v));
+}
 
 // ---- Statistics ------------------------------------------------------------------
 //
@@ -138,6 +156,8 @@ SYNCBN_HD GlobalMoments finalize_moments(double p1, double p2, double n) {
   return g;
 }
 
-SYNCBN_HD double invstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
+SYNCBN_HD double invstd_of(double var, double eps) {
+  return 1.0 / std::sqrt(var + eps);
+}
 
 }  // namespace syncbn

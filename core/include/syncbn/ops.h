@@ -14,9 +14,13 @@
 namespace syncbn {
 
 // Stats buffer layout: [P1 (C) | P2 (C) | count]; see math.h for why these sums.
-inline int64_t stats_buffer_size(int64_t channels) { return 2 * channels + 1; }
+inline int64_t stats_buffer_size(int64_t channels) {
+  return 2 * channels + 1;
+}
 // Backward buffer layout: [sum(dy) (C) | sum(dy * (x - mean)) (C)].
-inline int64_t backward_buffer_size(int64_t channels) { return 2 * channels; }
+inline int64_t backward_buffer_size(int64_t channels) {
+  return 2 * channels;
+}
 
 // 1. Local partial statistics of x along `axis`, packed ready to all-reduce.
 void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer);
@@ -79,9 +83,9 @@ struct BackwardOptions {
 // Any of dx, grad_weight, grad_bias may be null. grad_weight/grad_bias are this rank's
 // local gradients.
 void backward(const TensorView& dy, const TensorView& x, const TensorView& save_mean,
-              const TensorView& save_invstd, const TensorView* weight,
-              const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
-              const TensorView* grad_weight, const TensorView* grad_bias);
+              const TensorView& save_invstd, const TensorView* weight, const BackwardOptions& opt,
+              Communicator& comm, const TensorView* dx, const TensorView* grad_weight,
+              const TensorView* grad_bias);
 
 // Threads the CPU kernels use (SYNCBN_NUM_THREADS, default: CPUs this process may use).
 int num_threads();

@@ -1,8 +1,7 @@
-#include "syncbn/mpi_communicator.h"
-
 #include <climits>
 
 #include "syncbn/errors.h"
+#include "syncbn/mpi_communicator.h"
 
 namespace syncbn {
 
@@ -19,8 +18,9 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
   if (!initialized || finalized)
-    fail<CommError>("comm: MPI is not initialized (or already finalized); initialize it first "
-                    "(e.g. `from mpi4py import MPI`)");
+    fail<CommError>(
+        "comm: MPI is not initialized (or already finalized); initialize it first "
+        "(e.g. `from mpi4py import MPI`)");
   if (comm == MPI_COMM_NULL) fail("comm: expected a valid MPI communicator, got MPI_COMM_NULL");
   check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm, &size_), "MPI_Comm_size");

@@ -4,9 +4,9 @@
 
 namespace syncbn::cpu {
 
-void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt,
-                               const Geometry& g, const double* mean, const double* mean_dy,
-                               const double* k, const double* gain) {
+void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt, const Geometry& g,
+                               const double* mean, const double* mean_dy, const double* k,
+                               const double* gain) {
   SYNCBN_DISPATCH_FLOATING(dt, T, {
     const T* dyp = static_cast<const T*>(dy);
     const T* xp = static_cast<const T*>(x);

@@ -8,8 +8,8 @@
 namespace syncbn::cpu {
 
 // Local shifted sums: t1 = sum(x - shift), t2 = sum((x - shift)^2) per channel.
-void batch_norm_stats(const void* x, DType dt, const Geometry& g, const double* shift,
-                      double* t1, double* t2);
+void batch_norm_stats(const void* x, DType dt, const Geometry& g, const double* shift, double* t1,
+                      double* t2);
 
 // y = (x - mean) * scale + bias.
 void batch_norm_elemt(const void* x, void* y, DType dt, const Geometry& g, const double* mean,
@@ -20,8 +20,8 @@ void batch_norm_backward_reduce(const void* dy, const void* x, DType dt, const G
                                 const double* mean, double* sum_dy, double* sum_dy_xmu);
 
 // dx = (dy - mean_dy - (x - mean) * k) * gain.
-void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt,
-                               const Geometry& g, const double* mean, const double* mean_dy,
-                               const double* k, const double* gain);
+void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt, const Geometry& g,
+                               const double* mean, const double* mean_dy, const double* k,
+                               const double* gain);
 
 }  // namespace syncbn::cpu
