@@ -136,6 +136,9 @@ nb::dict build_info() {
 
 NB_MODULE(_core, m) {
   m.doc() = "syncbn core bindings (internal; use the syncbn package)";
+  // Communicators cached for the life of the process (the default one, or ones held by
+  // torch.compile's caches) are legitimately alive at exit.
+  nb::set_leak_warnings(false);
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {

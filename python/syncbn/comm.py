@@ -14,7 +14,7 @@ import sys
 
 from . import _core
 
-__all__ = ["Communicator", "local", "mpi", "as_communicator", "default"]
+__all__ = ["Communicator", "local", "mpi", "torch_distributed", "as_communicator", "default"]
 
 Communicator = _core.Communicator
 
@@ -72,6 +72,46 @@ def mpi(comm=None) -> Communicator:
     return c
 
 
+class _TorchDistributed:
+    """torch.distributed as a communicator: the buffer is shared with a tensor (no copy)
+    and summed with ``all_reduce`` on ``group`` (gloo for host buffers)."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self._dist, self.group = dist, group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def allreduce(self, buf):
+        import torch
+
+        self._dist.all_reduce(torch.from_numpy(buf), op=self._dist.ReduceOp.SUM,
+                              group=self.group)
+
+    def __repr__(self):
+        return f"<torch.distributed communicator rank={self.rank} size={self.size}>"
+
+
+def torch_distributed(group=None) -> Communicator:
+    """A communicator over a torch.distributed process group (default: the default
+    group), e.g. gloo on CPU. torch.distributed must be initialized."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("comm: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first (or use comm.mpi())")
+    if group is not None and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("group: this rank is not a member of the given process group")
+    c = _core.PythonCommunicator(_TorchDistributed(group))
+    return c
+
+
+def _torch_distributed_ready() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def _is_mpi4py_comm(obj) -> bool:
     mod = sys.modules.get("mpi4py.MPI")
     return mod is not None and isinstance(obj, mod.Comm)
@@ -86,6 +126,9 @@ def as_communicator(obj) -> Communicator:
         return obj
     if _is_mpi4py_comm(obj):
         return mpi(obj)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and isinstance(obj, dist.ProcessGroup):
+        return torch_distributed(obj)
     missing = [n for n in ("rank", "size", "allreduce") if not hasattr(obj, n)]
     if missing or not callable(obj.allreduce):
         raise TypeError(
@@ -117,10 +160,13 @@ def _launched_by_mpi() -> bool:
 
 
 def default() -> Communicator:
-    """The communicator used when none is given: ``MPI.COMM_WORLD`` when the process runs
-    under an MPI launcher (or mpi4py is already initialized) with more than one rank,
-    else :func:`local`. Resolved once per process."""
+    """The communicator used when none is given: the torch.distributed default group if
+    it is initialized; else ``MPI.COMM_WORLD`` when the process runs under an MPI
+    launcher (or mpi4py is already initialized) with more than one rank; else
+    :func:`local`. The MPI/local answer is resolved once per process."""
     global _default
+    if _torch_distributed_ready():
+        return torch_distributed()
     if _default is None:
         world = None
         if "mpi4py.MPI" in sys.modules or _launched_by_mpi():

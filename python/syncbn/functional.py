@@ -83,15 +83,16 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     return y, ctx
 
 
-def batch_norm_backward(dy, ctx: BatchNormContext):
+def batch_norm_backward(dy, ctx: BatchNormContext, *, need_dx=True):
     """Gradients of :func:`batch_norm_forward`: ``(dx, dweight, dbias)``.
 
     ``dx`` equals plain batch norm's input gradient on the concatenated global batch (one
     all-reduce of 2C float64 values in training). ``dweight``/``dbias`` are this rank's
     local gradients, to be summed by a data-parallel optimizer like any other parameter
-    gradient; ``None`` when weight/bias were ``None``.
+    gradient; ``None`` when weight/bias were ``None``. With ``need_dx=False`` dx is
+    ``None`` and nothing is communicated.
     """
-    dx = _arrays.empty_like(ctx.x)
+    dx = _arrays.empty_like(ctx.x) if need_dx else None
     dw = _arrays.empty_like(ctx.weight) if ctx.weight is not None else None
     db = _arrays.empty_like(ctx.bias) if ctx.bias is not None else None
     ex = _arrays.export
