@@ -267,7 +267,8 @@ NB_MODULE(_core, m) {
       "forward",
       [](nb::handle x, nb::handle weight, nb::handle bias, nb::handle running_mean,
          nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
-         bool training, double momentum, double eps, int axis, syncbn::Communicator& comm) {
+         bool training, double momentum, double eps, int axis, syncbn::Communicator& comm,
+         bool unbiased_running_var) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
@@ -282,12 +283,13 @@ NB_MODULE(_core, m) {
         opt.training = training;
         opt.momentum = momentum;
         opt.eps = eps;
+        opt.unbiased_running_var = unbiased_running_var;
         nb::gil_scoped_release nogil;
         return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si);
       },
       "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
       "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
-      "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a);
+      "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true);
 
   m.def(
       "backward",

@@ -166,7 +166,7 @@ void local_stats(const TensorView& x, int axis, double* buf) {
 }
 
 // Global statistics from a reduced buffer; updates running stats. Returns the count.
-double gather(const double* buf, int64_t C, double momentum, double eps,
+double gather(const double* buf, int64_t C, double momentum, double eps, bool unbiased,
               const TensorView* running_mean, const TensorView* running_var, double* mean,
               double* invstd, double* var_b) {
   const double N = C > 0 ? buf[2 * C] : 0.0;
@@ -192,7 +192,8 @@ double gather(const double* buf, int64_t C, double momentum, double eps,
   if (running_var) {
     Vec rv = read_vec(*running_var);
     for (int64_t c = 0; c < C; ++c)
-      rv[size_t(c)] = (1 - momentum) * rv[size_t(c)] + momentum * (m2[size_t(c)] / (N - 1));
+      rv[size_t(c)] =
+          (1 - momentum) * rv[size_t(c)] + momentum * (m2[size_t(c)] / (unbiased ? N - 1 : N));
     write_vec(*running_var, rv.data());
   }
   return N;
@@ -297,7 +298,7 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
   const Vec buf = read_vec(buffer);
   Vec m(static_cast<size_t>(C)), s(static_cast<size_t>(C)), v(static_cast<size_t>(C));
   const double N =
-      gather(buf.data(), C, momentum, eps, running_mean, running_var, m.data(), s.data(), v.data());
+      gather(buf.data(), C, momentum, eps, true, running_mean, running_var, m.data(), s.data(), v.data());
   if (N > 0) {
     write_vec(mean, m.data());
     write_vec(invstd, s.data());
@@ -395,7 +396,7 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     Vec buf(static_cast<size_t>(stats_buffer_size(C)));
     local_stats(x, axis, buf.data());
     comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
-    count = gather(buf.data(), C, opt.momentum, opt.eps, running_mean, running_var, mean.data(),
+    count = gather(buf.data(), C, opt.momentum, opt.eps, opt.unbiased_running_var, running_mean, running_var, mean.data(),
                    invstd.data(), nullptr);
     if (count == 0) return 0;
   } else {

@@ -56,7 +56,8 @@ class BatchNormContext:
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-                       training=True, momentum=0.1, eps=1e-5, axis=1, comm=None):
+                       training=True, momentum=0.1, eps=1e-5, axis=1, comm=None,
+                       unbiased_running_var=True):
     """Batch norm of ``x`` with the statistics of the global batch across ``comm``.
 
     In training, one all-reduce of 2C+1 float64 values gives every rank the global mean
@@ -67,6 +68,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     Returns ``(y, ctx)``: ``y`` of x's kind and layout, ``ctx`` for
     :func:`batch_norm_backward`. With a global count of 0, ``y`` is empty and the running
     stats are untouched; with a global count of 1, every rank raises ``ValueError``.
+    ``unbiased_running_var=False`` updates running_var with the biased variance (Keras).
     """
     axis = _int(axis, "axis")
     momentum = _float(momentum, "momentum")
@@ -78,7 +80,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     mean, invstd = _arrays.host_vector(C), _arrays.host_vector(C)
     ex = _arrays.export
     count = _core.forward(ex(x), ex(weight), ex(bias), running_mean, running_var,
-                          y, mean, invstd, training, momentum, eps, axis, c)
+                          y, mean, invstd, training, momentum, eps, axis, c,
+                          bool(unbiased_running_var))
     ctx = BatchNormContext(x, weight, bias, mean, invstd, count, axis, training, c)
     return y, ctx
 

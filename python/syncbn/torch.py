@@ -43,12 +43,12 @@ class _Shared:
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                comm, info):
+                comm, axis, unbiased, info):
         y, c = batch_norm_forward(x, weight, bias, running_mean, running_var,
-                                  training=training, momentum=momentum, eps=eps, axis=1,
-                                  comm=comm)
+                                  training=training, momentum=momentum, eps=eps, axis=axis,
+                                  comm=comm, unbiased_running_var=unbiased)
         ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (c.mean, c.invstd, c.count, c.training, c.comm)
+        ctx.stats = (c.mean, c.invstd, c.count, c.training, c.comm, c.axis)
         info["count"] = c.count
         return y
 
@@ -56,21 +56,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        mean, invstd, count, training, comm = ctx.stats
-        c = BatchNormContext(x, weight, bias, mean, invstd, count, 1, training, comm)
+        mean, invstd, count, training, comm, axis = ctx.stats
+        c = BatchNormContext(x, weight, bias, mean, invstd, count, axis, training, comm)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = batch_norm_backward(dy, c, need_dx=need_dx)
-        return (dx, dw if need_dw else None, db if need_db else None) + (None,) * 7
+        return (dx, dw if need_dw else None, db if need_db else None) + (None,) * 9
 
 
 @torch.compiler.disable
 def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                     comm):
+                     comm, axis=1, unbiased=True):
     """Returns (y, global count). A graph break under torch.compile: the collective and
-    the C++ kernels run eagerly."""
+    the C++ kernels run eagerly. Also the Keras adapter's entry (any axis, biased var)."""
     info = {}
     y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
-                                     momentum, eps, comm, info)
+                                     momentum, eps, comm, axis, unbiased, info)
     return y, info["count"]
 
 

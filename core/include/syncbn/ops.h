@@ -60,6 +60,8 @@ struct ForwardOptions {
   bool training = true;
   double momentum = 0.1;
   double eps = 1e-5;
+  // PyTorch updates running_var with M2/(N-1), Keras its moving_variance with M2/N.
+  bool unbiased_running_var = true;
   void* stream = nullptr;  // CUDA stream for device tensors
 };
 
