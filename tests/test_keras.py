@@ -14,8 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import syncbn  # noqa: E402
-from conftest import WORKERS, run_mpi  # noqa: E402
 from syncbn.keras import SyncBatchNormalization, _check_backend  # noqa: E402
+
+from conftest import WORKERS, run_mpi  # noqa: E402
 
 sys.path.insert(0, str(WORKERS))
 from keras_model import make_model  # noqa: E402

@@ -24,7 +24,7 @@ from syncbn.keras import SyncBatchNormalization  # noqa: E402
 
 def main(data_path, out_dir):
     world = MPI.COMM_WORLD
-    r, size = world.Get_rank(), world.Get_size()
+    r = world.Get_rank()
     data = np.load(data_path)
     sizes = [int(s) for s in data["sizes"]]
     off, n = sum(sizes[:r]), sizes[r]
