@@ -320,3 +320,12 @@ def test_deepcopy_shares_the_communicator():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bn2(torch.randn(4, 3))
+
+
+def test_pickled_module_loads_and_resolves_its_communicator_again(tmp_path):
+    bn = sbt.SyncBatchNorm(3, comm=syncbn.comm.local())
+    bn(torch.randn(4, 3))
+    torch.save(bn, tmp_path / "bn.pt")
+    loaded = torch.load(tmp_path / "bn.pt", weights_only=False)
+    assert loaded.communicator().kind == "local"
+    torch.testing.assert_close(loaded.running_mean, bn.running_mean)

@@ -31,13 +31,17 @@ _CONVERTIBLE = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d
 
 class _Shared:
     """Holds a communicator so that deepcopy (EMA models, ...) shares it instead of trying
-    to copy a live MPI/NCCL handle."""
+    to copy a live MPI/NCCL handle, and pickling (torch.save of a whole module) drops it:
+    a live handle means nothing in another process, which resolves the default again."""
 
     def __init__(self, value):
         self.value = value
 
     def __deepcopy__(self, memo):
         return self
+
+    def __reduce__(self):
+        return (_Shared, (None,))
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
