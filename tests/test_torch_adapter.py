@@ -329,3 +329,13 @@ def test_pickled_module_loads_and_resolves_its_communicator_again(tmp_path):
     loaded = torch.load(tmp_path / "bn.pt", weights_only=False)
     assert loaded.communicator().kind == "local"
     torch.testing.assert_close(loaded.running_mean, bn.running_mean)
+
+
+def test_train_digits_example_syncbn_follows_the_one_process_run(tmp_path):
+    import re
+
+    out = run_mpi(2, WORKERS.parent.parent / "examples" / "train_digits.py", "--steps", "20",
+                  "--out", tmp_path / "loss.png", timeout=240)
+    m = re.search(r"max \|param diff\| ([0-9.e+-]+)", out.stdout)
+    assert m and float(m.group(1)) < 1e-10, out.stdout
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
