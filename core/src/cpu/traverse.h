@@ -68,6 +68,20 @@ void run_isa(F&& f) {
   run_base(f);
 }
 
+// Runs mode: calls fn(off, c, n) for thread t's share of the blocks, each n elements of
+// channel c starting at flat offset off.
+template <class Fn>
+inline void for_each_block(const Geometry& g, int t, int nt, Fn&& fn) {
+  const int64_t C = g.channels, I = g.inner;
+  const int64_t nb = (I + kBlock - 1) / kBlock;
+  int64_t b, e;
+  split(g.outer * C * nb, t, nt, &b, &e);
+  for (int64_t it = b; it < e; ++it) {
+    const int64_t oc = it / nb, i0 = (it % nb) * kBlock;
+    fn(oc * I + i0, oc % C, std::min(I, i0 + kBlock) - i0);
+  }
+}
+
 inline std::vector<double> expand_to_row(const double* p, int64_t C, int64_t inner) {
   std::vector<double> r(size_t(C * inner));
   for (int64_t c = 0; c < C; ++c)
@@ -115,13 +129,7 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
     double* pb = pa + stride;
     run_isa([&] {
       if (runs) {
-        const int64_t nb = (I + kBlock - 1) / kBlock;
-        int64_t b, e;
-        split(O * C * nb, t, nt, &b, &e);
-        for (int64_t it = b; it < e; ++it) {
-          const int64_t oc = it / nb, c = oc % C;
-          const int64_t i0 = (it % nb) * kBlock, n = std::min(I, i0 + kBlock) - i0;
-          const int64_t off = oc * I + i0;
+        for_each_block(g, t, nt, [&](int64_t off, int64_t c, int64_t n) {
           const T* __restrict r0 = x0 + off;
           const double p = param[c];
           const vec4 pv = {p, p, p, p};
@@ -140,7 +148,7 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
           }
           pa[c] += a;
           pb[c] += q;
-        }
+        });
       } else {
         const int64_t row = C * I;
         const double* __restrict pr = prow.data();
@@ -182,19 +190,14 @@ void map_channels(const Geometry& g, const T* x0, const T* x1, T* y, const doubl
   parallel(nt_req, [&](int t, int nt) {
     run_isa([&] {
       if (runs) {
-        const int64_t nb = (I + kBlock - 1) / kBlock;
-        int64_t b, e;
-        split(O * C * nb, t, nt, &b, &e);
-        for (int64_t it = b; it < e; ++it) {
-          const int64_t oc = it / nb, c = oc % C;
-          const int64_t i0 = (it % nb) * kBlock, n = std::min(I, i0 + kBlock) - i0;
-          const T* __restrict a0 = x0 + oc * I + i0;
-          const T* __restrict a1 = x1 + oc * I + i0;
-          T* __restrict out = y + oc * I + i0;
+        for_each_block(g, t, nt, [&](int64_t off, int64_t c, int64_t n) {
+          const T* __restrict a0 = x0 + off;
+          const T* __restrict a1 = x1 + off;
+          T* __restrict out = y + off;
           const double q0 = p0[c], q1 = p1[c], q2 = p2[c], q3 = p3[c];
           for (int64_t i = 0; i < n; ++i)
             store<double>(out + i, f(load<double>(a0 + i), load<double>(a1 + i), q0, q1, q2, q3));
-        }
+        });
       } else {
         const int64_t row = C * I;
         const double* __restrict q0 = r0.data(), * __restrict q1 = r1.data();
