@@ -339,3 +339,12 @@ def test_train_digits_example_syncbn_follows_the_one_process_run(tmp_path):
     m = re.search(r"max \|param diff\| ([0-9.e+-]+)", out.stdout)
     assert m and float(m.group(1)) < 1e-10, out.stdout
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_a_communicator_without_allreduce_is_a_type_error_before_any_collective():
+    bn = sbt.SyncBatchNorm(3, comm=object())
+    before = {k: t.clone() for k, t in bn.state_dict().items()}
+    with pytest.raises(TypeError, match=r"^comm: expected .*allreduce"):
+        bn(torch.randn(4, 3))
+    for k, t in bn.state_dict().items():
+        assert torch.equal(t, before[k]), k
