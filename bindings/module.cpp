@@ -10,6 +10,7 @@
 
 #include "syncbn/build_config.h"
 #include "syncbn/communicator.h"
+#include "syncbn/device_backend.h"
 #include "syncbn/errors.h"
 #include "syncbn/ops.h"
 #ifdef SYNCBN_WITH_MPI
@@ -182,28 +183,29 @@ NB_MODULE(_core, m) {
 
   m.def(
       "batch_norm_stats",
-      [](nb::handle x, int axis, nb::handle buffer) {
+      [](nb::handle x, int axis, nb::handle buffer, uintptr_t stream) {
         Args a;
         TensorView xv = a.view(x, "x", false), bv = a.view(buffer, "buffer", true);
         nb::gil_scoped_release nogil;
-        syncbn::batch_norm_stats(xv, axis, bv);
+        syncbn::batch_norm_stats(xv, axis, bv, reinterpret_cast<void*>(stream));
       },
-      "x"_a.none(), "axis"_a, "buffer"_a.none());
+      "x"_a.none(), "axis"_a, "buffer"_a.none(), "stream"_a = 0);
 
   m.def(
       "allreduce",
-      [](nb::handle buffer, syncbn::Communicator& comm) {
+      [](nb::handle buffer, syncbn::Communicator& comm, uintptr_t stream) {
         Args a;
         TensorView bv = a.view(buffer, "buffer", true);
         nb::gil_scoped_release nogil;
-        syncbn::allreduce(bv, comm);
+        syncbn::allreduce(bv, comm, reinterpret_cast<void*>(stream));
       },
-      "buffer"_a.none(), "comm"_a);
+      "buffer"_a.none(), "comm"_a, "stream"_a = 0);
 
   m.def(
       "batch_norm_gather_stats",
       [](nb::handle buffer, double momentum, double eps, nb::handle running_mean,
-         nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var) {
+         nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var,
+         uintptr_t stream) {
         Args a;
         TensorView bv = a.view(buffer, "buffer", false);
         auto rm = a.maybe(running_mean, "running_mean", true);
@@ -211,31 +213,32 @@ NB_MODULE(_core, m) {
         TensorView mv = a.view(mean, "mean", true), sv = a.view(invstd, "invstd", true);
         auto vv = a.maybe(var, "var", true);
         nb::gil_scoped_release nogil;
-        return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv,
-                                               ptr(vv));
+        return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv, ptr(vv),
+                                               reinterpret_cast<void*>(stream));
       },
       "buffer"_a.none(), "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
-      "mean"_a.none(), "invstd"_a.none(), "var"_a.none());
+      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0);
 
   m.def(
       "batch_norm_elemt",
       [](nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle weight,
-         nb::handle bias, nb::handle y) {
+         nb::handle bias, nb::handle y, uintptr_t stream) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
         TensorView yv = a.view(y, "y", true);
         nb::gil_scoped_release nogil;
-        syncbn::batch_norm_elemt(xv, axis, mv, sv, ptr(wv), ptr(bv), yv);
+        syncbn::batch_norm_elemt(xv, axis, mv, sv, ptr(wv), ptr(bv), yv,
+                                 reinterpret_cast<void*>(stream));
       },
       "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
-      "bias"_a.none(), "y"_a.none());
+      "bias"_a.none(), "y"_a.none(), "stream"_a = 0);
 
   m.def(
       "batch_norm_backward_reduce",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle sums,
-         nb::handle grad_weight, nb::handle grad_bias) {
+         nb::handle grad_weight, nb::handle grad_bias, uintptr_t stream) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -243,32 +246,41 @@ NB_MODULE(_core, m) {
         auto gw = a.maybe(grad_weight, "grad_weight", true);
         auto gb = a.maybe(grad_bias, "grad_bias", true);
         nb::gil_scoped_release nogil;
-        syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb));
+        syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb),
+                                           reinterpret_cast<void*>(stream));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "sums"_a.none(),
-      "grad_weight"_a.none(), "grad_bias"_a.none());
+      "grad_weight"_a.none(), "grad_bias"_a.none(), "stream"_a = 0);
 
   m.def(
       "batch_norm_backward_elemt",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
-         nb::handle weight, nb::handle sums, double count, nb::handle dx) {
+         nb::handle weight, nb::handle sums, nb::handle count, nb::handle dx, uintptr_t stream) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
         auto wv = a.maybe(weight, "weight", false);
         TensorView su = a.view(sums, "sums", false), dxv = a.view(dx, "dx", true);
+        // The count is a number on the host, or a (1,) array where it stays on the device.
+        double n = 0;
+        std::optional<TensorView> cv;
+        if (nb::isinstance<nb::float_>(count) || nb::isinstance<nb::int_>(count))
+          n = nb::cast<double>(count);
+        else
+          cv = a.view(count, "count", false);
         nb::gil_scoped_release nogil;
-        syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, count, dxv);
+        syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, n, dxv, ptr(cv),
+                                          reinterpret_cast<void*>(stream));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
-      "sums"_a.none(), "count"_a, "dx"_a.none());
+      "sums"_a.none(), "count"_a, "dx"_a.none(), "stream"_a = 0);
 
   m.def(
       "forward",
       [](nb::handle x, nb::handle weight, nb::handle bias, nb::handle running_mean,
          nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
          bool training, double momentum, double eps, int axis, syncbn::Communicator& comm,
-         bool unbiased_running_var) {
+         bool unbiased_running_var, nb::handle save_count, uintptr_t stream) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
@@ -278,24 +290,29 @@ NB_MODULE(_core, m) {
         TensorView yv = a.view(y, "y", true);
         TensorView sm = a.view(save_mean, "save_mean", true);
         TensorView si = a.view(save_invstd, "save_invstd", true);
+        auto sc = a.maybe(save_count, "save_count", true);
         syncbn::ForwardOptions opt;
         opt.axis = axis;
         opt.training = training;
         opt.momentum = momentum;
         opt.eps = eps;
         opt.unbiased_running_var = unbiased_running_var;
+        opt.stream = reinterpret_cast<void*>(stream);
         nb::gil_scoped_release nogil;
-        return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si);
+        return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si,
+                               ptr(sc));
       },
       "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
       "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
-      "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true);
+      "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true,
+      "save_count"_a.none() = nb::none(), "stream"_a = 0);
 
   m.def(
       "backward",
       [](nb::handle dy, nb::handle x, nb::handle save_mean, nb::handle save_invstd,
          nb::handle weight, nb::handle dx, nb::handle grad_weight, nb::handle grad_bias,
-         bool training, double count, int axis, syncbn::Communicator& comm) {
+         bool training, double count, int axis, syncbn::Communicator& comm, nb::handle count_view,
+         uintptr_t stream) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView sm = a.view(save_mean, "save_mean", false);
@@ -304,16 +321,29 @@ NB_MODULE(_core, m) {
         auto dxv = a.maybe(dx, "dx", true);
         auto gw = a.maybe(grad_weight, "grad_weight", true);
         auto gb = a.maybe(grad_bias, "grad_bias", true);
+        auto cv = a.maybe(count_view, "count", false);
         syncbn::BackwardOptions opt;
         opt.axis = axis;
         opt.training = training;
         opt.count = count;
+        opt.count_view = ptr(cv);
+        opt.stream = reinterpret_cast<void*>(stream);
         nb::gil_scoped_release nogil;
         syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, comm, ptr(dxv), ptr(gw), ptr(gb));
       },
       "dy"_a.none(), "x"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(), "weight"_a.none(),
       "dx"_a.none(), "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a,
-      "axis"_a, "comm"_a);
+      "axis"_a, "comm"_a, "count_view"_a.none() = nb::none(), "stream"_a = 0);
+
+  // The CUDA module hands its operation table over as a capsule (see device_backend.h).
+  m.def("register_device_backend", [](nb::capsule backend) {
+    if (std::string(backend.name()) != "syncbn.DeviceBackend")
+      throw syncbn::TypeError("backend: expected a 'syncbn.DeviceBackend' capsule");
+    syncbn::register_device_backend(static_cast<const syncbn::DeviceBackend*>(backend.data()));
+  });
+  m.def("device_backend_loaded", [](int device_type) {
+    return syncbn::device_backend(syncbn::DeviceType(device_type)) != nullptr;
+  });
 
   m.def("build_info", &build_info);
 }

@@ -8,6 +8,7 @@
 
 #include "cpu/kernels.h"
 #include "dispatch.h"
+#include "syncbn/device_backend.h"
 #include "syncbn/errors.h"
 #include "syncbn/math.h"
 
@@ -24,10 +25,24 @@ int check_input(const TensorView& x, const char* name, int axis) {
   if (axis < -x.ndim || axis >= x.ndim)
     fail("axis: expected an integer in [", -x.ndim, ", ", x.ndim, ") for ", name, " of shape ",
          x.shape_str(), ", got ", axis);
-  if (x.device.type != DeviceType::CPU)
-    fail(name, ": expected a CPU array (this build has no CUDA kernels), got ",
+  if (x.device.type != DeviceType::CPU && !device_backend(x.device.type))
+    fail(name,
+         ": expected a CPU array (no CUDA backend is loaded: syncbn.build_info()['cuda'] "
+         "says whether this build has one), got ",
          device_name(x.device));
   return axis < 0 ? axis + x.ndim : axis;
+}
+
+// The registered backend when `d` is a device, else null (host path).
+const DeviceBackend* on_device(Device d) {
+  return d.type == DeviceType::CPU ? nullptr : device_backend(d.type);
+}
+
+const TensorView& require_count_view(const TensorView* v, const char* name, Device dev) {
+  if (!v)
+    fail(name, ": expected a float64 (1,) array on ", device_name(dev),
+         " (device results stay on the device), got None");
+  return *v;
 }
 
 void check_like(const TensorView& t, const char* name, const TensorView& x, const char* xname,
@@ -259,10 +274,11 @@ const double* ptr_or_null(const Vec& v, const TensorView* t) {
 
 // ---- primitives ---------------------------------------------------------------------
 
-void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer) {
+void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer, void* stream) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true, "2 * channels + 1");
+  if (auto* b = on_device(x.device)) return b->batch_norm_stats(x, axis, buffer, stream);
   Vec buf(static_cast<size_t>(stats_buffer_size(C)));
   local_stats(x, axis, buf.data());
   write_vec(buffer, buf.data());
@@ -275,13 +291,17 @@ void allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
   if (buffer.read_only) fail("buffer: expected a writable array, got a read-only one");
   if (buffer.shape[0] > 1 && buffer.strides[0] != 1)
     fail("buffer: expected a contiguous array, got stride ", buffer.strides[0]);
+  if (buffer.device.type != DeviceType::CPU && !device_backend(buffer.device.type))
+    fail("buffer: expected a CPU array (no CUDA backend is loaded), got ",
+         device_name(buffer.device));
+  if (auto* b = on_device(buffer.device)) return b->allreduce(buffer, comm, stream);
   comm.allreduce_sum(static_cast<double*>(buffer.data), buffer.shape[0], buffer.device, stream);
 }
 
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,
-                               const TensorView* var_biased) {
+                               const TensorView* var_biased, void* stream) {
   if (buffer.ndim != 1 || buffer.shape[0] < 1 || buffer.shape[0] % 2 != 1)
     fail("buffer: expected a 1-D stats buffer of 2 * channels + 1 values, got shape ",
          buffer.shape_str());
@@ -295,10 +315,17 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
   check_vec(&mean, "mean", C, dev, true, "the channel count of buffer");
   check_vec(&invstd, "invstd", C, dev, true, "the channel count of buffer");
   check_vec(var_biased, "var", C, dev, true, "the channel count of buffer");
+  if (dev.type != DeviceType::CPU && !device_backend(dev.type))
+    fail("buffer: expected a CPU array (no CUDA backend is loaded), got ", device_name(dev));
+  if (auto* b = on_device(dev)) {
+    b->batch_norm_gather_stats(buffer, momentum, eps, true, running_mean, running_var, mean, invstd,
+                               var_biased, stream);
+    return std::nan("");
+  }
   const Vec buf = read_vec(buffer);
   Vec m(static_cast<size_t>(C)), s(static_cast<size_t>(C)), v(static_cast<size_t>(C));
-  const double N =
-      gather(buf.data(), C, momentum, eps, true, running_mean, running_var, m.data(), s.data(), v.data());
+  const double N = gather(buf.data(), C, momentum, eps, true, running_mean, running_var, m.data(),
+                          s.data(), v.data());
   if (N > 0) {
     write_vec(mean, m.data());
     write_vec(invstd, s.data());
@@ -309,7 +336,7 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
 
 void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
                       const TensorView& invstd, const TensorView* weight, const TensorView* bias,
-                      const TensorView& y) {
+                      const TensorView& y, void* stream) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_vec(&mean, "mean", C, x.device, false);
@@ -317,6 +344,8 @@ void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
   check_vec(weight, "weight", C, x.device, false);
   check_vec(bias, "bias", C, x.device, false);
   check_like(y, "y", x, "x", true);
+  if (auto* be = on_device(x.device))
+    return be->batch_norm_elemt(x, axis, mean, invstd, weight, bias, y, stream);
   const Vec m = read_vec(mean), s = read_vec(invstd);
   const Vec w = read_vec_or(weight, C, 1.0), b = read_vec_or(bias, C, 0.0);
   elemt(x, axis, m.data(), s.data(), ptr_or_null(w, weight), ptr_or_null(b, bias), y);
@@ -325,7 +354,7 @@ void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int axis,
                                 const TensorView& mean, const TensorView& invstd,
                                 const TensorView& sums, const TensorView* grad_weight,
-                                const TensorView* grad_bias) {
+                                const TensorView* grad_bias, void* stream) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_like(dy, "dy", x, "x", false);
@@ -334,6 +363,9 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int a
   check_f64(sums, "sums", backward_buffer_size(C), x.device, true, "2 * channels");
   check_vec(grad_weight, "grad_weight", C, x.device, true);
   check_vec(grad_bias, "grad_bias", C, x.device, true);
+  if (auto* b = on_device(x.device))
+    return b->batch_norm_backward_reduce(dy, x, axis, mean, invstd, sums, grad_weight, grad_bias,
+                                         stream);
   const Vec m = read_vec(mean), s = read_vec(invstd);
   Vec buf(static_cast<size_t>(2 * C));
   backward_reduce(dy, x, axis, m.data(), buf.data(), buf.data() + C);
@@ -349,7 +381,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int a
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int axis,
                                const TensorView& mean, const TensorView& invstd,
                                const TensorView* weight, const TensorView& sums, double count,
-                               const TensorView& dx) {
+                               const TensorView& dx, const TensorView* count_view, void* stream) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_like(dy, "dy", x, "x", false);
@@ -358,6 +390,11 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int ax
   check_vec(weight, "weight", C, x.device, false);
   check_vec(&sums, "sums", backward_buffer_size(C), x.device, false, "2 * channels");
   check_like(dx, "dx", x, "x", true);
+  if (auto* b = on_device(x.device)) {
+    const TensorView& cv = require_count_view(count_view, "count", x.device);
+    check_f64(cv, "count", 1, x.device, false, "one value");
+    return b->batch_norm_backward_elemt(dy, x, axis, mean, invstd, weight, sums, cv, dx, stream);
+  }
   if (!std::isfinite(count) || count < count_per_channel(x, axis) || (count <= 0 && x.numel() > 0))
     fail("count: expected the global count per channel (at least this rank's ",
          count_per_channel(x, axis), "), got ", count);
@@ -371,7 +408,8 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int ax
 double forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
                const TensorView* running_mean, const TensorView* running_var,
                const ForwardOptions& opt, Communicator& comm, const TensorView& y,
-               const TensorView& save_mean, const TensorView& save_invstd) {
+               const TensorView& save_mean, const TensorView& save_invstd,
+               const TensorView* save_count) {
   const int axis = check_input(x, "x", opt.axis);
   const int64_t C = x.shape[axis];
   const Device dev = x.device;
@@ -389,6 +427,13 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   check_like(y, "y", x, "x", true);
   check_f64(save_mean, "save_mean", C, dev, true, "the channel count of x");
   check_f64(save_invstd, "save_invstd", C, dev, true, "the channel count of x");
+  if (save_count) check_f64(*save_count, "save_count", 1, dev, true, "one value");
+  if (auto* b = on_device(dev)) {
+    const TensorView& sc = require_count_view(save_count, "save_count", dev);
+    b->forward(x, axis, weight, bias, running_mean, running_var, opt, comm, y, save_mean,
+               save_invstd, sc);
+    return std::nan("");
+  }
 
   Vec mean(static_cast<size_t>(C)), invstd(static_cast<size_t>(C));
   double count;
@@ -396,8 +441,8 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     Vec buf(static_cast<size_t>(stats_buffer_size(C)));
     local_stats(x, axis, buf.data());
     comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
-    count = gather(buf.data(), C, opt.momentum, opt.eps, opt.unbiased_running_var, running_mean, running_var, mean.data(),
-                   invstd.data(), nullptr);
+    count = gather(buf.data(), C, opt.momentum, opt.eps, opt.unbiased_running_var, running_mean,
+                   running_var, mean.data(), invstd.data(), nullptr);
     if (count == 0) return 0;
   } else {
     mean = read_vec(*running_mean);
@@ -409,6 +454,7 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   elemt(x, axis, mean.data(), invstd.data(), ptr_or_null(w, weight), ptr_or_null(b, bias), y);
   write_vec(save_mean, mean.data());
   write_vec(save_invstd, invstd.data());
+  if (save_count) write_vec(*save_count, &count);
   return count;
 }
 
@@ -427,6 +473,14 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
   check_vec(grad_weight, "grad_weight", C, dev, true);
   check_vec(grad_bias, "grad_bias", C, dev, true);
   const bool sync = dx && opt.training;
+  if (auto* b = on_device(dev)) {
+    if (sync) {
+      const TensorView& cv = require_count_view(opt.count_view, "count", dev);
+      check_f64(cv, "count", 1, dev, false, "one value");
+    }
+    return b->backward(dy, x, axis, save_mean, save_invstd, weight, opt, comm, dx, grad_weight,
+                       grad_bias);
+  }
   if (sync && (!std::isfinite(opt.count) || opt.count < count_per_channel(x, axis)))
     fail("count: expected the global count per channel from forward, got ", opt.count);
 

@@ -17,6 +17,9 @@ class Communicator {
   virtual void allreduce_sum(double* data, int64_t count, Device device, void* stream) = 0;
   // Human-readable kind, for repr and errors ("local", "mpi", "python", ...).
   virtual const char* kind() const = 0;
+  // Whether allreduce_sum takes buffers on `device` directly (NCCL, CUDA-aware MPI). When
+  // not, device backends stage the buffer through host memory (correct, but a host sync).
+  virtual bool accepts(Device device) const { return device.type == DeviceType::CPU; }
 };
 
 // World of one: the all-reduce is the identity.
@@ -26,6 +29,7 @@ class LocalCommunicator final : public Communicator {
   int size() const override { return 1; }
   void allreduce_sum(double*, int64_t, Device, void*) override {}
   const char* kind() const override { return "local"; }
+  bool accepts(Device) const override { return true; }  // nothing is touched
 };
 
 }  // namespace syncbn

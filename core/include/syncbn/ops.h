@@ -23,7 +23,8 @@ inline int64_t backward_buffer_size(int64_t channels) {
 }
 
 // 1. Local partial statistics of x along `axis`, packed ready to all-reduce.
-void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer);
+void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer,
+                      void* stream = nullptr);
 
 // 2. In-place sum of a float64 buffer across the communicator.
 void allreduce(const TensorView& buffer, Communicator& comm, void* stream = nullptr);
@@ -31,29 +32,33 @@ void allreduce(const TensorView& buffer, Communicator& comm, void* stream = null
 // 3. Global mean / invstd (and biased variance) from a reduced stats buffer; updates the
 //    running stats in place (PyTorch convention: new = (1-m)*old + m*batch, running_var
 //    unbiased with the global count). Returns the global count per channel. Throws
-//    ValueError when the count is 1; a count of 0 writes nothing.
+//    ValueError when the count is 1; a count of 0 writes nothing. On a device the count
+//    stays in buffer[2C] (no host sync): returns NaN, a count of 1 is not raised (the
+//    running variance update is skipped) and a count of 0 writes nothing.
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,
-                               const TensorView* var_biased = nullptr);
+                               const TensorView* var_biased = nullptr, void* stream = nullptr);
 
 // 4. y = (x - mean) * invstd * weight + bias.
 void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
                       const TensorView& invstd, const TensorView* weight, const TensorView* bias,
-                      const TensorView& y);
+                      const TensorView& y, void* stream = nullptr);
 
 // 5. Local sum(dy) and sum(dy * (x - mean)) packed into `sums` (2C float64), and this
 //    rank's grad_weight = sum(dy * (x - mean)) * invstd, grad_bias = sum(dy) if given.
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int axis,
                                 const TensorView& mean, const TensorView& invstd,
                                 const TensorView& sums, const TensorView* grad_weight,
-                                const TensorView* grad_bias);
+                                const TensorView* grad_bias, void* stream = nullptr);
 
-// 6. dx from the globally reduced `sums` and the global `count`.
+// 6. dx from the globally reduced `sums` and the global `count` (on a device: a float64
+//    (1,) view `count_view` on it, e.g. buffer[2C:] of the stats buffer).
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int axis,
                                const TensorView& mean, const TensorView& invstd,
                                const TensorView* weight, const TensorView& sums, double count,
-                               const TensorView& dx);
+                               const TensorView& dx, const TensorView* count_view = nullptr,
+                               void* stream = nullptr);
 
 struct ForwardOptions {
   int axis = 1;
@@ -68,16 +73,19 @@ struct ForwardOptions {
 // Whole forward: stats -> one all-reduce -> gather (+running stats) -> elemt in training;
 // running stats -> elemt in eval (no communication). Writes y and the float64 save_mean /
 // save_invstd (length C) the backward needs. Returns the global count (0: y is empty and
-// nothing else was written).
+// nothing else was written). On a device nothing is read back to the host: the count is
+// written to `save_count` (float64 (1,) on x's device, required there) and NaN returned.
 double forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
                const TensorView* running_mean, const TensorView* running_var,
                const ForwardOptions& opt, Communicator& comm, const TensorView& y,
-               const TensorView& save_mean, const TensorView& save_invstd);
+               const TensorView& save_mean, const TensorView& save_invstd,
+               const TensorView* save_count = nullptr);
 
 struct BackwardOptions {
   int axis = 1;
   bool training = true;  // false: mean/invstd were constants (eval); no communication
   double count = 0;      // global count returned by forward (training only)
+  const TensorView* count_view = nullptr;  // on a device: forward's save_count instead
   void* stream = nullptr;
 };
 
