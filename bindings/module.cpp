@@ -115,6 +115,29 @@ class PythonCommunicator final : public syncbn::Communicator {
   int rank_ = 0, size_ = 1;
 };
 
+// A communicator made by another of syncbn's modules (the CUDA module's NCCL one), handed
+// over as a capsule that owns it; kept alive by holding the capsule.
+class ForeignCommunicator final : public syncbn::Communicator {
+ public:
+  explicit ForeignCommunicator(nb::capsule c) : owner_(c) {
+    if (std::string(c.name()) != "syncbn.Communicator")
+      throw syncbn::TypeError("comm: expected a 'syncbn.Communicator' capsule");
+    inner_ = static_cast<syncbn::Communicator*>(c.data());
+  }
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  const char* kind() const override { return inner_->kind(); }
+  bool accepts(syncbn::Device d) const override { return inner_->accepts(d); }
+  void allreduce_sum(double* data, int64_t count, syncbn::Device device, void* stream) override {
+    inner_->allreduce_sum(data, count, device, stream);
+  }
+  nb::capsule capsule() const { return owner_; }
+
+ private:
+  nb::capsule owner_;
+  syncbn::Communicator* inner_ = nullptr;
+};
+
 nb::dict build_info() {
   const syncbn::BuildConfig c = syncbn::build_config();
   nb::dict d;
@@ -163,6 +186,9 @@ NB_MODULE(_core, m) {
       });
   nb::class_<syncbn::LocalCommunicator, syncbn::Communicator>(m, "LocalCommunicator")
       .def(nb::init<>());
+  nb::class_<ForeignCommunicator, syncbn::Communicator>(m, "ForeignCommunicator")
+      .def(nb::init<nb::capsule>(), "capsule"_a)
+      .def_prop_ro("capsule", &ForeignCommunicator::capsule);
   nb::class_<PythonCommunicator, syncbn::Communicator>(m, "PythonCommunicator")
       .def(nb::init<nb::object>(), "obj"_a)
       .def_prop_ro("object", &PythonCommunicator::object);

@@ -37,15 +37,21 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this build has: version, cuda, nccl, mpi (and the MPI library version),
-    openmp, threads (SYNCBN_NUM_THREADS or the CPUs this process may use), compiler."""
-    return dict(_core.build_info())
+    """What this build has: version, mpi (and the MPI library version), openmp, threads
+    (SYNCBN_NUM_THREADS or the CPUs this process may use), compiler; cuda (whether the
+    CUDA module was built), cuda_devices (visible now), cuda_runtime, cuda_architectures,
+    nccl, nccl_version."""
+    from . import _device
+
+    info = dict(_core.build_info())
+    info.update(_device.info())
+    return info
 
 
 def __getattr__(name):
-    # syncbn.numpy is imported on first use so `import syncbn` stays light.
-    if name == "numpy":
+    # Adapters are imported on first use so `import syncbn` stays light.
+    if name in ("numpy", "cupy", "torch", "keras"):
         import importlib
 
-        return importlib.import_module(".numpy", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'syncbn' has no attribute {name!r}")

@@ -39,9 +39,45 @@ def empty_like(x):
     )
 
 
-def is_cpu(x) -> bool:
+def is_cuda(x) -> bool:
+    """Whether x lives on a CUDA device (DLPack kDLCUDA / kDLCUDAManaged)."""
     dev = getattr(x, "__dlpack_device__", None)
-    return dev is None or dev()[0] in (1, 3)  # kDLCPU, kDLCUDAHost
+    return dev is not None and int(dev()[0]) in (2, 13)
+
+
+def vector(n: int, like) -> object:
+    """float64 zeros of length n where `like` lives: NumPy on the host; on a device an
+    array of like's framework on like's device (results stay there: no host sync)."""
+    if not is_cuda(like):
+        return np.zeros(n, dtype=np.float64)
+    fw = _framework(like)
+    if fw == "torch":
+        import torch
+
+        return torch.zeros(n, dtype=torch.float64, device=like.device)
+    if fw == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.zeros(n, dtype=cupy.float64)
+    ns = like.__array_namespace__()
+    return ns.zeros(n, dtype=ns.float64, device=like.device)
+
+
+def stream_of(x) -> int:
+    """The caller's current CUDA stream for x's framework and device (0: the default)."""
+    if not is_cuda(x):
+        return 0
+    fw = _framework(x)
+    if fw == "torch":
+        import torch
+
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    if fw == "cupy":
+        import cupy
+
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
 
 
 def channels(x, axis: int) -> int:
@@ -53,3 +89,13 @@ def channels(x, axis: int) -> int:
 
 def host_vector(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.float64)
+
+
+def prepare(x) -> int:
+    """Loads the backend x's device needs; returns the stream to run on."""
+    if is_cuda(x):
+        from . import _device
+
+        _device.cuda()
+        return stream_of(x)
+    return 0

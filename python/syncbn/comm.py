@@ -14,7 +14,8 @@ import sys
 
 from . import _core
 
-__all__ = ["Communicator", "local", "mpi", "torch_distributed", "as_communicator", "default"]
+__all__ = ["Communicator", "local", "mpi", "nccl", "torch_distributed", "as_communicator",
+           "default"]
 
 Communicator = _core.Communicator
 
@@ -107,6 +108,49 @@ def torch_distributed(group=None) -> Communicator:
     return c
 
 
+def _current_cuda_device() -> int:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.current_device()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        return cupy.cuda.Device().id
+    return 0
+
+
+def nccl(comm=None, *, group=None, device=None) -> Communicator:
+    """An NCCL communicator: the all-reduce runs on the caller's CUDA stream (no host
+    sync, CUDA-graph capturable). Bootstrapped from an mpi4py communicator ``comm``
+    (default ``MPI.COMM_WORLD``) or from a torch.distributed ``group`` (rank 0's unique id
+    is broadcast over it). ``device``: the CUDA device index (default: the current one).
+    Collective: every rank of ``comm``/``group`` must call it."""
+    from . import _device
+
+    cuda = _device.cuda()
+    if not cuda.nccl:
+        raise RuntimeError("comm: this build of syncbn has no NCCL (install the `cuda` extra, "
+                           "nvidia-nccl-cu13, or a system NCCL, then rebuild); "
+                           "syncbn.build_info()['nccl'] says so")
+    if comm is not None and group is not None:
+        raise ValueError("comm, group: expected at most one of them, got both")
+    device = _current_cuda_device() if device is None else int(device)
+    if group is not None or (comm is None and _torch_distributed_ready()):
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        box = [cuda.nccl_unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0,
+                                   group=group)
+        uid = box[0]
+    else:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD if comm is None else comm
+        rank, size = comm.Get_rank(), comm.Get_size()
+        uid = comm.bcast(cuda.nccl_unique_id() if rank == 0 else None, root=0)
+    return _core.ForeignCommunicator(cuda.nccl_communicator(uid, rank, size, device))
+
+
 def _torch_distributed_ready() -> bool:
     dist = sys.modules.get("torch.distributed")
     return dist is not None and dist.is_available() and dist.is_initialized()
@@ -117,11 +161,12 @@ def _is_mpi4py_comm(obj) -> bool:
     return mod is not None and isinstance(obj, mod.Comm)
 
 
-def as_communicator(obj) -> Communicator:
-    """Turns None, a syncbn communicator, an mpi4py communicator or a user object with
-    ``rank``, ``size`` and ``allreduce(buf)`` into a communicator the core can call."""
+def as_communicator(obj, like=None) -> Communicator:
+    """Turns None, a syncbn communicator, an mpi4py communicator, a torch.distributed
+    group or a user object with ``rank``, ``size`` and ``allreduce(buf)`` into a
+    communicator the core can call. ``like``: an array whose device picks the default."""
     if obj is None:
-        return default()
+        return default(like)
     if isinstance(obj, _core.Communicator):
         return obj
     if _is_mpi4py_comm(obj):
@@ -159,13 +204,27 @@ def _launched_by_mpi() -> bool:
     return False
 
 
-def default() -> Communicator:
+_nccl_defaults: dict = {}
+
+
+def default(like=None) -> Communicator:
     """The communicator used when none is given: the torch.distributed default group if
-    it is initialized; else ``MPI.COMM_WORLD`` when the process runs under an MPI
-    launcher (or mpi4py is already initialized) with more than one rank; else
-    :func:`local`. The MPI/local answer is resolved once per process."""
+    it is initialized (for CUDA arrays with an NCCL process group: an NCCL communicator
+    bootstrapped from it, made once per device); else ``MPI.COMM_WORLD`` when the process
+    runs under an MPI launcher (or mpi4py is already initialized) with more than one
+    rank; else :func:`local`. The MPI/local answer is resolved once per process."""
     global _default
     if _torch_distributed_ready():
+        from . import _arrays
+
+        if like is not None and _arrays.is_cuda(like):
+            import torch.distributed as dist
+
+            if dist.get_backend() == "nccl":
+                dev = like.device.index if hasattr(like.device, "index") else like.device.id
+                if dev not in _nccl_defaults:
+                    _nccl_defaults[dev] = nccl(device=dev)
+                return _nccl_defaults[dev]
         return torch_distributed()
     if _default is None:
         world = None

@@ -47,9 +47,10 @@ class BatchNormContext:
     x: object
     weight: object
     bias: object
-    mean: object  # float64 (C,), global batch mean (or running mean in eval)
-    invstd: object  # float64 (C,)
-    count: float  # global count per channel (training) or local count (eval)
+    mean: object  # float64 (C,) on x's device, global batch mean (or running mean in eval)
+    invstd: object  # float64 (C,) on x's device
+    count: object  # global count per channel (training) or local count (eval): a float on
+    # the host, a float64 (1,) array on a device (read back only if the caller does)
     axis: int
     training: bool
     comm: _core.Communicator
@@ -69,19 +70,27 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     :func:`batch_norm_backward`. With a global count of 0, ``y`` is empty and the running
     stats are untouched; with a global count of 1, every rank raises ``ValueError``.
     ``unbiased_running_var=False`` updates running_var with the biased variance (Keras).
+
+    On a CUDA device everything runs on the framework's current stream and nothing is read
+    back to the host (``ctx.count`` stays a device array); a global count of 1 is then not
+    raised (the running variance update is skipped instead).
     """
     axis = _int(axis, "axis")
     momentum = _float(momentum, "momentum")
     eps = _float(eps, "eps")
     training = bool(training)
-    c = _comm.as_communicator(comm) if training else _comm.local()
+    c = _comm.as_communicator(comm, like=x) if training else _comm.local()
     C = _arrays.channels(x, axis)
     y = _arrays.empty_like(x)
-    mean, invstd = _arrays.host_vector(C), _arrays.host_vector(C)
+    stream = _arrays.prepare(x)
+    mean, invstd = _arrays.vector(C, x), _arrays.vector(C, x)
+    save_count = _arrays.vector(1, x) if _arrays.is_cuda(x) else None
     ex = _arrays.export
-    count = _core.forward(ex(x), ex(weight), ex(bias), running_mean, running_var,
+    count = _core.forward(ex(x), ex(weight), ex(bias), ex(running_mean), ex(running_var),
                           y, mean, invstd, training, momentum, eps, axis, c,
-                          bool(unbiased_running_var))
+                          bool(unbiased_running_var), save_count, stream)
+    if save_count is not None:
+        count = save_count
     ctx = BatchNormContext(x, weight, bias, mean, invstd, count, axis, training, c)
     return y, ctx
 
@@ -99,8 +108,11 @@ def batch_norm_backward(dy, ctx: BatchNormContext, *, need_dx=True):
     dw = _arrays.empty_like(ctx.weight) if ctx.weight is not None else None
     db = _arrays.empty_like(ctx.bias) if ctx.bias is not None else None
     ex = _arrays.export
+    stream = _arrays.prepare(ctx.x)
+    on_host = isinstance(ctx.count, float)
     _core.backward(ex(dy), ex(ctx.x), ctx.mean, ctx.invstd, ex(ctx.weight), dx, dw, db,
-                   ctx.training, ctx.count, ctx.axis, ctx.comm)
+                   ctx.training, ctx.count if on_host else float("nan"), ctx.axis, ctx.comm,
+                   None if on_host else ctx.count, stream)
     return dx, dw, db
 
 
@@ -111,27 +123,33 @@ def batch_norm_stats(x, axis=1):
     """Local partial statistics of x, packed ready to all-reduce: a float64 buffer of
     2C+1 values ``[n*mean (C) | M2 + n*mean^2 (C) | n]`` (see core/include/syncbn/math.h)."""
     axis = _int(axis, "axis")
-    buf = _arrays.host_vector(2 * _arrays.channels(x, axis) + 1)
-    _core.batch_norm_stats(_arrays.export(x), axis, buf)
+    buf = _arrays.vector(2 * _arrays.channels(x, axis) + 1, x)
+    _core.batch_norm_stats(_arrays.export(x), axis, buf, _arrays.prepare(x))
     return buf
 
 
 def allreduce(buffer, comm=None):
     """Sums a float64 buffer in place across ``comm``; returns it."""
-    _core.allreduce(buffer, _comm.as_communicator(comm))
+    c = _comm.as_communicator(comm, like=buffer)
+    _core.allreduce(_arrays.export(buffer), c, _arrays.prepare(buffer))
     return buffer
 
 
 def batch_norm_gather_stats(buffer, running_mean=None, running_var=None, *, momentum=0.1,
                             eps=1e-5):
     """Global ``(mean, invstd, var, count)`` from an all-reduced stats buffer (var biased,
-    float64); updates running stats in place as :func:`batch_norm_forward` does."""
+    float64); updates running stats in place as :func:`batch_norm_forward` does. On a
+    device ``count`` is ``buffer[-1:]``, still on the device."""
     n = getattr(buffer, "shape", (1,))
     C = (int(n[0]) - 1) // 2 if len(n) == 1 else 0
-    mean, invstd, var = (_arrays.host_vector(C) for _ in range(3))
-    count = _core.batch_norm_gather_stats(buffer, _float(momentum, "momentum"),
-                                          _float(eps, "eps"), running_mean, running_var, mean,
-                                          invstd, var)
+    mean, invstd, var = (_arrays.vector(C, buffer) for _ in range(3))
+    ex = _arrays.export
+    count = _core.batch_norm_gather_stats(ex(buffer), _float(momentum, "momentum"),
+                                          _float(eps, "eps"), ex(running_mean),
+                                          ex(running_var), mean, invstd, var,
+                                          _arrays.prepare(buffer))
+    if _arrays.is_cuda(buffer):
+        count = buffer[-1:]
     return mean, invstd, var, count
 
 
@@ -140,7 +158,7 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1):
     ex = _arrays.export
     y = _arrays.empty_like(x)
     _core.batch_norm_elemt(ex(x), _int(axis, "axis"), ex(mean), ex(invstd), ex(weight),
-                           ex(bias), y)
+                           ex(bias), y, _arrays.prepare(x))
     return y
 
 
@@ -151,17 +169,21 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1, weight_grad=True,
     ex = _arrays.export
     axis = _int(axis, "axis")
     C = _arrays.channels(x, axis)
-    sums = _arrays.host_vector(2 * C)
-    gw = _arrays.host_vector(C) if weight_grad else None
-    gb = _arrays.host_vector(C) if bias_grad else None
-    _core.batch_norm_backward_reduce(ex(dy), ex(x), axis, ex(mean), ex(invstd), sums, gw, gb)
+    sums = _arrays.vector(2 * C, x)
+    gw = _arrays.vector(C, x) if weight_grad else None
+    gb = _arrays.vector(C, x) if bias_grad else None
+    _core.batch_norm_backward_reduce(ex(dy), ex(x), axis, ex(mean), ex(invstd), sums, gw, gb,
+                                     _arrays.prepare(x))
     return sums, gw, gb
 
 
 def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sums, count, *, axis=1):
-    """dx from all-reduced ``sums`` and the global ``count`` per channel."""
+    """dx from all-reduced ``sums`` and the global ``count`` per channel (a number, or on a
+    device the (1,) array :func:`batch_norm_gather_stats` returned)."""
     ex = _arrays.export
     dx = _arrays.empty_like(x)
+    if not hasattr(count, "__dlpack__"):
+        count = _float(count, "count")
     _core.batch_norm_backward_elemt(ex(dy), ex(x), _int(axis, "axis"), ex(mean), ex(invstd),
-                                    ex(weight), ex(sums), _float(count, "count"), dx)
+                                    ex(weight), ex(sums), ex(count), dx, _arrays.prepare(x))
     return dx

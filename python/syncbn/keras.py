@@ -138,11 +138,11 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
 
     # ---- the computation -------------------------------------------------------------
 
-    def _communicator(self):
+    def _communicator(self, like):
         if self.comm is None:
-            return _comm.default()
+            return _comm.default(like)
         if self._resolved_comm is None:
-            self._resolved_comm = _comm.as_communicator(self.comm)
+            self._resolved_comm = _comm.as_communicator(self.comm, like)
         return self._resolved_comm
 
     def call(self, inputs, training=None, mask=None):
@@ -155,7 +155,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if not x.dtype.is_floating_point:
             x = ops.cast(x, "float32")
         batch_stats = bool(training) and self.trainable
-        comm = self._communicator() if batch_stats else _comm.local()
+        comm = self._communicator(x) if batch_stats else _comm.local()
 
         def param(v):
             return None if v is None else v.value

@@ -2,100 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+import numpy
 
-from . import comm as _comm
-from .functional import batch_norm_backward, batch_norm_forward
+from ._module import ArraySyncBatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm:
-    """Synchronized batch norm over NumPy arrays.
-
-    Parameters and buffers are plain attributes (``weight``, ``bias``, ``running_mean``,
-    ``running_var``, ``num_batches_tracked``), float32 by default. ``forward(x,
-    training=True)`` normalizes with the statistics of the global batch across ``comm``
-    (default: :func:`syncbn.comm.default`); ``backward(dy)`` returns dx and sets
-    ``grad_weight`` / ``grad_bias`` to this rank's local gradients.
-
-    ``momentum=None`` gives a cumulative moving average (1 / num_batches_tracked), as in
-    PyTorch. Eval (``training=False``) uses the running statistics and never
-    communicates; with ``track_running_stats=False`` it uses the local batch statistics.
-    """
-
-    def __init__(self, num_features, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, dtype=np.float32):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features <= 0:
-            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum!r}")
-        self.num_features = int(num_features)
-        self.axis = int(axis)
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self._comm_arg = comm
-        self._comm = None
-        C = self.num_features
-        self.weight = np.ones(C, dtype) if affine else None
-        self.bias = np.zeros(C, dtype) if affine else None
-        self.grad_weight = None
-        self.grad_bias = None
-        if track_running_stats:
-            self.running_mean = np.zeros(C, dtype)
-            self.running_var = np.ones(C, dtype)
-            self.num_batches_tracked = np.zeros((), np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-        self._ctx = None
-
-    @property
-    def comm(self):
-        if self._comm is None:
-            self._comm = _comm.as_communicator(self._comm_arg)
-        return self._comm
-
-    def forward(self, x, training=True):
-        training = bool(training)
-        shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) >= 2 and -len(shape) <= self.axis < len(shape) \
-                and shape[self.axis] != self.num_features:
-            raise ValueError(f"x: expected {self.num_features} channels (num_features) along "
-                             f"axis {self.axis}, got shape {tuple(shape)}")
-        # PyTorch's rule: batch statistics in training, or whenever there are no running
-        # ones; synchronize only in training.
-        use_batch_stats = training or self.running_mean is None
-        momentum = 0.0
-        update = training and self.track_running_stats
-        if update:
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked + 1)
-            else:
-                momentum = float(self.momentum)
-        y, ctx = batch_norm_forward(
-            x, self.weight, self.bias,
-            self.running_mean if update or not use_batch_stats else None,
-            self.running_var if update or not use_batch_stats else None,
-            training=use_batch_stats, momentum=momentum, eps=self.eps, axis=self.axis,
-            comm=self.comm if training else _comm.local(),
-        )
-        if update and ctx.count > 0:
-            self.num_batches_tracked += 1
-        self._ctx = ctx
-        return y
-
-    __call__ = forward
-
-    def backward(self, dy):
-        if self._ctx is None:
-            raise RuntimeError("backward: call forward first")
-        dx, self.grad_weight, self.grad_bias = batch_norm_backward(dy, self._ctx)
-        return dx
-
-    def __repr__(self):
-        return (f"SyncBatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats})")
+class SyncBatchNorm(ArraySyncBatchNorm):
+    __doc__ = ArraySyncBatchNorm.__doc__.replace("the arrays of ``_xp`` (set by subclasses)",
+                                                 "NumPy arrays")
+    _xp = numpy

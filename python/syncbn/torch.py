@@ -114,15 +114,23 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"input: expected {self.num_features} channels (num_features) "
                              f"along dim 1, got shape {tuple(input.shape)}")
 
-    def communicator(self):
-        """The communicator training forwards use (resolved on first use)."""
+    def communicator(self, like=None):
+        """The communicator training forwards use (resolved on first use); ``like``: an
+        input, whose device picks NCCL for CUDA tensors on an NCCL process group."""
         if self._resolved.value is None:
             if self.process_group is not None:
-                self._resolved.value = _comm.torch_distributed(self.process_group)
+                import torch.distributed as dist
+
+                if (like is not None and like.is_cuda
+                        and dist.get_backend(self.process_group) == "nccl"):
+                    self._resolved.value = _comm.nccl(group=self.process_group,
+                                                      device=like.device.index)
+                else:
+                    self._resolved.value = _comm.torch_distributed(self.process_group)
             elif self._comm.value is not None:
-                self._resolved.value = _comm.as_communicator(self._comm.value)
+                self._resolved.value = _comm.as_communicator(self._comm.value, like)
             else:
-                return _comm.default()  # follows torch.distributed being initialized later
+                return _comm.default(like)  # follows torch.distributed initialized later
         return self._resolved.value
 
     def forward(self, input):
@@ -134,14 +142,16 @@ class SyncBatchNorm(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked + 1)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        comm = self.communicator() if bn_training and self.training else _comm.local()
+        comm = self.communicator(input) if bn_training and self.training else _comm.local()
         y, count = _sync_batch_norm(input, self.weight, self.bias,
                                     self.running_mean if use_running else None,
                                     self.running_var if use_running else None,
                                     bn_training, factor, self.eps, comm)
         # Only after a successful call that saw data (all ranks agree on the global count):
-        # a failed or all-empty step leaves every buffer as it was.
-        if update and self.num_batches_tracked is not None and count > 0:
+        # a failed or all-empty step leaves every buffer as it was. On a device the count
+        # stays there (no host sync): counted like PyTorch, empty steps included.
+        if update and self.num_batches_tracked is not None and (
+                not isinstance(count, float) or count > 0):
             self.num_batches_tracked.add_(1)
         self._last_input_dim = input.dim()
         return y

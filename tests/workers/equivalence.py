@@ -37,6 +37,8 @@ def to_layout(a, dtype, layout, axis):
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype))
+        if layout == "torch_cuda":  # device buffers: ranks share the one GPU
+            return t.cuda()
         if layout == "torch_channels_last":
             t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4
                              else torch.channels_last_3d)
@@ -59,7 +61,7 @@ def to_f64(a):
     if a is None:
         return np.zeros(0)
     if type(a).__module__.startswith("torch"):
-        return a.detach().double().numpy()
+        return a.detach().double().cpu().numpy()
     return np.asarray(a, dtype=np.float64)
 
 
@@ -83,13 +85,14 @@ def main(case_path, out_dir):
         comm = syncbn.comm.mpi(world)
 
     pdtype = "float64" if dtype == "float64" else "float32"
-    weight = to_layout(data["weight"], pdtype, "torch" if dtype == "bfloat16" else
-                       "contiguous", 0) if case.get("affine", True) else None
-    bias = to_layout(data["bias"], pdtype, "torch" if dtype == "bfloat16" else
-                     "contiguous", 0) if case.get("affine", True) else None
+    # 1-D parameters: on the GPU with device inputs, torch for bf16, else NumPy.
+    plain = ("torch_cuda" if layout == "torch_cuda"
+             else "torch" if dtype == "bfloat16" else "contiguous")
+    weight = to_layout(data["weight"], pdtype, plain, 0) if case.get("affine", True) else None
+    bias = to_layout(data["bias"], pdtype, plain, 0) if case.get("affine", True) else None
     C = data["weight"].shape[0]
-    rm = to_layout(np.zeros(C), pdtype, "torch" if dtype == "bfloat16" else "contiguous", 0)
-    rv = to_layout(np.ones(C), pdtype, "torch" if dtype == "bfloat16" else "contiguous", 0)
+    rm = to_layout(np.zeros(C), pdtype, plain, 0)
+    rv = to_layout(np.ones(C), pdtype, plain, 0)
 
     out = {}
     for s in range(case["steps"]):

@@ -1,0 +1,51 @@
+#include "../dispatch.h"
+#include "kernels.cuh"
+#include "reduce.cuh"
+
+namespace syncbn::cuda {
+namespace {
+
+// One thread per channel. N is read here, on the device, because the host may not wait
+// for the all-reduce: N == 0 (no samples on any rank) writes nothing, as the CPU path;
+// N < 2 would make the unbiased variance 0/0, so running_var keeps its value.
+template <class R>
+__global__ void gather_stats_kernel(const double* __restrict__ buf, int64_t C, double momentum,
+                                    double eps, bool unbiased, R* running_mean, int64_t rm_stride,
+                                    R* running_var, int64_t rv_stride, double* __restrict__ mean,
+                                    double* __restrict__ invstd, double* __restrict__ var_biased) {
+  const double N = buf[2 * C];
+  if (!(N > 0)) return;
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const GlobalMoments gm = finalize_moments(buf[c], buf[C + c], N);
+    mean[c] = gm.mean;
+    invstd[c] = invstd_of(gm.var_biased, eps);
+    if (var_biased) var_biased[c] = gm.var_biased;
+    if (running_mean) {
+      R* p = running_mean + c * rm_stride;
+      store<double>(p, (1 - momentum) * load<double>(p) + momentum * gm.mean);
+    }
+    if (running_var && N >= 2) {
+      R* p = running_var + c * rv_stride;
+      store<double>(p,
+                    (1 - momentum) * load<double>(p) + momentum * (gm.m2 / (unbiased ? N - 1 : N)));
+    }
+  }
+}
+
+}  // namespace
+
+void batch_norm_gather_stats(const double* buf, int64_t C, double momentum, double eps,
+                             bool unbiased, RunningStats running, double* mean, double* invstd,
+                             double* var_biased, cudaStream_t stream) {
+  if (C <= 0) return;
+  const int64_t blocks = std::min(detail::ceil_div(C, detail::kThreads), int64_t(4096));
+  SYNCBN_DISPATCH_FLOATING(running.dtype, R, {
+    gather_stats_kernel<R><<<unsigned(blocks), detail::kThreads, 0, stream>>>(
+        buf, C, momentum, eps, unbiased, static_cast<R*>(running.mean), running.mean_stride,
+        static_cast<R*>(running.var), running.var_stride, mean, invstd, var_biased);
+  });
+  detail::check_launch("batch_norm_gather_stats");
+}
+
+}  // namespace syncbn::cuda

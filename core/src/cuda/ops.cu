@@ -1,0 +1,358 @@
+// The CUDA device backend: the orchestration of ops.cpp for device tensors. Arguments
+// arrive validated (ops.cpp); everything here is stream-ordered on the caller's stream
+// and reads nothing back to the host, except when a communicator cannot take device
+// buffers (then the buffer is staged through host memory: correct, but a host sync).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "kernels.cuh"
+#include "syncbn/device_backend.h"
+#include "syncbn/errors.h"
+
+namespace syncbn::cuda {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail<CommError>(what, " failed: ", cudaGetErrorString(e));
+}
+
+cudaStream_t as_stream(void* s) {
+  return static_cast<cudaStream_t>(s);
+}
+
+// Makes x's device current for the duration of one call.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(Device d) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != d.id) check(cudaSetDevice(d.id), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+};
+
+// Stream-ordered scratch memory (capturable in a CUDA graph), freed on the same stream.
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t s) : s_(s) {}
+  ~Scratch() {
+    for (void* p : ptrs_) cudaFreeAsync(p, s_);
+  }
+  void* bytes(size_t n) {
+    void* p = nullptr;
+    check(cudaMallocAsync(&p, n ? n : 1, s_), "cudaMallocAsync");
+    ptrs_.push_back(p);
+    return p;
+  }
+  double* zeros(int64_t n) {
+    auto* p = static_cast<double*>(bytes(size_t(n) * sizeof(double)));
+    check(cudaMemsetAsync(p, 0, size_t(n) * sizeof(double), s_), "cudaMemsetAsync");
+    return p;
+  }
+  // A float64 contiguous copy of a per-channel view (or the view itself when it already is
+  // one); null for a null view.
+  const double* f64(const TensorView* v) {
+    if (!v) return nullptr;
+    if (v->dtype == DType::Float64 && (v->shape[0] <= 1 || v->strides[0] == 1))
+      return static_cast<const double*>(v->data);
+    auto* p = static_cast<double*>(bytes(size_t(v->shape[0]) * sizeof(double)));
+    vector_to_double(v->data, v->dtype, v->strides[0], v->shape[0], p, s_);
+    return p;
+  }
+  cudaStream_t stream() const { return s_; }
+
+ private:
+  cudaStream_t s_;
+  std::vector<void*> ptrs_;
+};
+
+void write_vec(const TensorView& dst, const double* src, cudaStream_t s) {
+  vector_from_double(src, dst.data, dst.dtype, dst.strides[0], dst.shape[0], s);
+}
+
+__global__ void fill_kernel(double* p, int64_t n, double v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+
+void fill(double* p, int64_t n, double v, cudaStream_t s) {
+  if (n <= 0) return;
+  fill_kernel<<<int((n + 255) / 256 < 1024 ? (n + 255) / 256 : 1024), 256, 0, s>>>(p, n, v);
+  check(cudaGetLastError(), "fill_kernel");
+}
+
+// The device twin of ops.cpp's Layout: every tensor of an op gets x's dense traversal (or
+// a contiguous one), through packed device copies where strides differ.
+class Layout {
+ public:
+  Layout(const TensorView& x, int axis, Scratch& scratch) : ref_(x), scratch_(scratch) {
+    if (!dense_geometry(x, axis, &g_)) {
+      ref_ = contiguous_view(nullptr, x.dtype, x.device, x.ndim, x.shape);
+      dense_geometry(ref_, axis, &g_);
+    }
+  }
+  ~Layout() = default;
+  const Geometry& geometry() const { return g_; }
+
+  const void* input(const TensorView& t) {
+    if (t.same_strides(ref_)) return t.data;
+    TensorView tmp = temp_like(t);
+    copy_strided(t, tmp, scratch_.stream());
+    return tmp.data;
+  }
+  void* output(const TensorView& t) {
+    if (t.same_strides(ref_)) return t.data;
+    TensorView tmp = temp_like(t);
+    pending_.push_back({tmp, t});
+    return tmp.data;
+  }
+  void finish() {
+    for (auto& p : pending_) copy_strided(p.first, p.second, scratch_.stream());
+    pending_.clear();
+  }
+
+ private:
+  TensorView temp_like(const TensorView& t) {
+    TensorView v = ref_;
+    v.data = scratch_.bytes(size_t(t.numel()) * size_t(dtype_size(t.dtype)));
+    v.dtype = t.dtype;
+    return v;
+  }
+  TensorView ref_;
+  Scratch& scratch_;
+  Geometry g_;
+  std::vector<std::pair<TensorView, TensorView>> pending_;
+};
+
+RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
+  RunningStats r;
+  if (rm) {
+    r.mean = rm->data;
+    r.dtype = rm->dtype;
+    r.mean_stride = rm->strides[0];
+  }
+  if (rv) {
+    r.var = rv->data;
+    r.var_stride = rv->strides[0];
+    if (rm && rv->dtype != rm->dtype)
+      fail<TypeError>("running_var: expected the dtype of running_mean (", dtype_name(rm->dtype),
+                      ") on a device, got ", dtype_name(rv->dtype));
+    r.dtype = rv->dtype;
+  }
+  return r;
+}
+
+// The all-reduce of a device buffer: on the stream when the communicator takes device
+// buffers (NCCL, local), else staged through host memory.
+void allreduce_device(double* buf, int64_t n, Device dev, Communicator& comm, cudaStream_t s) {
+  if (comm.accepts(dev)) {
+    comm.allreduce_sum(buf, n, dev, s);
+    return;
+  }
+  std::vector<double> host(static_cast<size_t>(n));
+  check(cudaMemcpyAsync(host.data(), buf, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, s),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  comm.allreduce_sum(host.data(), n, Device{DeviceType::CPU, 0}, nullptr);
+  check(cudaMemcpyAsync(buf, host.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice, s),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize");  // `host` goes out of scope
+}
+
+void stats_into(const TensorView& x, int axis, double* buf, Scratch& sc) {
+  const int64_t C = x.shape[axis];
+  if (x.numel() == 0) {
+    check(cudaMemsetAsync(buf, 0, size_t(2 * C + 1) * sizeof(double), sc.stream()),
+          "cudaMemsetAsync");
+    return;
+  }
+  Layout lay(x, axis, sc);
+  batch_norm_stats(lay.input(x), x.dtype, lay.geometry(), buf, sc.stream());
+}
+
+// ---- the table's entries ----------------------------------------------------------------
+
+void op_stats(const TensorView& x, int axis, const TensorView& buffer, void* stream) {
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(stream));
+  const int64_t n = buffer.shape[0];
+  double* buf =
+      (buffer.strides[0] == 1 || n <= 1) ? static_cast<double*>(buffer.data) : sc.zeros(n);
+  stats_into(x, axis, buf, sc);
+  if (buf != buffer.data) write_vec(buffer, buf, sc.stream());
+}
+
+void op_allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
+  DeviceGuard guard(buffer.device);
+  allreduce_device(static_cast<double*>(buffer.data), buffer.shape[0], buffer.device, comm,
+                   as_stream(stream));
+}
+
+void op_gather(const TensorView& buffer, double momentum, double eps, bool unbiased,
+               const TensorView* rm, const TensorView* rv, const TensorView& mean,
+               const TensorView& invstd, const TensorView* var, void* stream) {
+  DeviceGuard guard(buffer.device);
+  Scratch sc(as_stream(stream));
+  const int64_t C = (buffer.shape[0] - 1) / 2;
+  const double* buf = sc.f64(&buffer);
+  double* m = sc.zeros(C);
+  double* s = sc.zeros(C);
+  double* v = var ? sc.zeros(C) : nullptr;
+  batch_norm_gather_stats(buf, C, momentum, eps, unbiased, running_stats(rm, rv), m, s, v,
+                          sc.stream());
+  write_vec(mean, m, sc.stream());
+  write_vec(invstd, s, sc.stream());
+  if (var) write_vec(*var, v, sc.stream());
+}
+
+void op_elemt(const TensorView& x, int axis, const TensorView& mean, const TensorView& invstd,
+              const TensorView* weight, const TensorView* bias, const TensorView& y, void* stream) {
+  if (x.numel() == 0) return;
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(stream));
+  Layout lay(x, axis, sc);
+  const void* xp = lay.input(x);
+  void* yp = lay.output(y);
+  batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), sc.f64(&mean), sc.f64(&invstd), sc.f64(weight),
+                   sc.f64(bias), sc.stream());
+  lay.finish();
+}
+
+void reduce_into(const TensorView& dy, const TensorView& x, int axis, const double* mean,
+                 const double* invstd, double* sums, double* gw, double* gb, Scratch& sc) {
+  if (x.numel() == 0) return;  // sums, gw, gb are zeros already
+  Layout lay(x, axis, sc);
+  const void* xp = lay.input(x);
+  const void* dyp = lay.input(dy);
+  batch_norm_backward_reduce(dyp, xp, x.dtype, lay.geometry(), mean, invstd, sums, gw, gb,
+                             sc.stream());
+}
+
+void op_backward_reduce(const TensorView& dy, const TensorView& x, int axis, const TensorView& mean,
+                        const TensorView& invstd, const TensorView& sums,
+                        const TensorView* grad_weight, const TensorView* grad_bias, void* stream) {
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(stream));
+  const int64_t C = x.shape[axis];
+  double* s = sc.zeros(2 * C);
+  double* gw = grad_weight ? sc.zeros(C) : nullptr;
+  double* gb = grad_bias ? sc.zeros(C) : nullptr;
+  reduce_into(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), s, gw, gb, sc);
+  write_vec(sums, s, sc.stream());
+  if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
+  if (grad_bias) write_vec(*grad_bias, gb, sc.stream());
+}
+
+void elemt_backward(const TensorView& dy, const TensorView& x, int axis, const double* mean,
+                    const double* invstd, const double* weight, const double* sums,
+                    const double* count, const TensorView& dx, Scratch& sc) {
+  if (x.numel() == 0) return;
+  Layout lay(x, axis, sc);
+  const void* xp = lay.input(x);
+  const void* dyp = lay.input(dy);
+  void* dxp = lay.output(dx);
+  batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, invstd, weight, sums,
+                            count, sc.stream());
+  lay.finish();
+}
+
+void op_backward_elemt(const TensorView& dy, const TensorView& x, int axis, const TensorView& mean,
+                       const TensorView& invstd, const TensorView* weight, const TensorView& sums,
+                       const TensorView& count, const TensorView& dx, void* stream) {
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(stream));
+  elemt_backward(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), sc.f64(weight), sc.f64(&sums),
+                 sc.f64(&count), dx, sc);
+}
+
+void op_forward(const TensorView& x, int axis, const TensorView* weight, const TensorView* bias,
+                const TensorView* rm, const TensorView* rv, const ForwardOptions& opt,
+                Communicator& comm, const TensorView& y, const TensorView& save_mean,
+                const TensorView& save_invstd, const TensorView& save_count) {
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(opt.stream));
+  const int64_t C = x.shape[axis];
+  double* mean = sc.zeros(C);
+  double* invstd = sc.zeros(C);
+  if (opt.training) {
+    double* buf = sc.zeros(2 * C + 1);
+    stats_into(x, axis, buf, sc);
+    allreduce_device(buf, 2 * C + 1, x.device, comm, sc.stream());
+    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
+                            running_stats(rm, rv), mean, invstd, nullptr, sc.stream());
+    write_vec(save_count, buf + 2 * C, sc.stream());
+  } else {
+    check(cudaMemcpyAsync(mean, sc.f64(rm), size_t(C) * sizeof(double), cudaMemcpyDeviceToDevice,
+                          sc.stream()),
+          "cudaMemcpyAsync");
+    invstd_from_var(sc.f64(rv), C, opt.eps, invstd, sc.stream());
+    const int64_t n = C > 0 ? x.numel() / C : 0;
+    double* cnt = sc.zeros(1);
+    fill(cnt, 1, double(n), sc.stream());
+    write_vec(save_count, cnt, sc.stream());
+  }
+  if (x.numel() > 0) {
+    Layout lay(x, axis, sc);
+    const void* xp = lay.input(x);
+    void* yp = lay.output(y);
+    batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), mean, invstd, sc.f64(weight), sc.f64(bias),
+                     sc.stream());
+    lay.finish();
+  }
+  write_vec(save_mean, mean, sc.stream());
+  write_vec(save_invstd, invstd, sc.stream());
+}
+
+void op_backward(const TensorView& dy, const TensorView& x, int axis, const TensorView& save_mean,
+                 const TensorView& save_invstd, const TensorView* weight,
+                 const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
+                 const TensorView* grad_weight, const TensorView* grad_bias) {
+  DeviceGuard guard(x.device);
+  Scratch sc(as_stream(opt.stream));
+  const int64_t C = x.shape[axis];
+  const bool sync = dx && opt.training;
+  const double* mean = sc.f64(&save_mean);
+  const double* invstd = sc.f64(&save_invstd);
+  double* sums = sc.zeros(2 * C);
+  double* gw = grad_weight ? sc.zeros(C) : nullptr;
+  double* gb = grad_bias ? sc.zeros(C) : nullptr;
+  if (grad_weight || grad_bias || sync) reduce_into(dy, x, axis, mean, invstd, sums, gw, gb, sc);
+  if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
+  if (grad_bias) write_vec(*grad_bias, gb, sc.stream());
+  if (!dx) return;
+  // Unlike the host path, every rank all-reduces even when the global count is 0: the
+  // count lives on the device, and all ranks must agree without reading it.
+  if (sync) allreduce_device(sums, 2 * C, x.device, comm, sc.stream());
+  elemt_backward(dy, x, axis, mean, invstd, sc.f64(weight), sync ? sums : nullptr,
+                 sync ? sc.f64(opt.count_view) : nullptr, *dx, sc);
+}
+
+}  // namespace
+
+const DeviceBackend* backend_table() {
+  static const DeviceBackend table = [] {
+    DeviceBackend t;
+    t.device = DeviceType::CUDA;
+    t.batch_norm_stats = op_stats;
+    t.allreduce = op_allreduce;
+    t.batch_norm_gather_stats = op_gather;
+    t.batch_norm_elemt = op_elemt;
+    t.batch_norm_backward_reduce = op_backward_reduce;
+    t.batch_norm_backward_elemt = op_backward_elemt;
+    t.forward = op_forward;
+    t.backward = op_backward;
+    return t;
+  }();
+  return &table;
+}
+
+}  // namespace syncbn::cuda

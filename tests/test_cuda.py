@@ -1,0 +1,211 @@
+"""The GPU path (DESIGN.md: same equivalence on CUDA, NCCL on the caller's stream, no host
+sync, CUDA-graph capturable). Everything but the first test needs a CUDA device and is
+skipped without one; `.ci/run` has nvcc but no GPU, so there the first test proves the
+CUDA module is built, imports, and reports no device."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import syncbn
+import syncbn.torch as sbt
+
+from conftest import WORKERS, run_mpi
+from reference import as_f64, bn_backward_ref, bn_forward_ref, running_stats_ref
+
+INFO = syncbn.build_info()
+GPU = INFO["cuda"] and INFO["cuda_devices"] > 0 and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and syncbn's CUDA module")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2 ** -9,
+       torch.bfloat16: 2 ** -6}
+
+
+def test_cuda_module_is_built_where_nvcc_is_and_reports_the_devices():
+    if shutil.which("nvcc") is None and INFO["cuda"] is False:
+        pytest.skip("no nvcc on this machine: the CPU-only build is the expected one")
+    assert INFO["cuda"] is True, "nvcc is on PATH but the CUDA module was not built"
+    from syncbn import _cuda
+
+    assert INFO["cuda_devices"] == _cuda.device_count() == torch.cuda.device_count()
+    assert INFO["cuda_architectures"] and INFO["cuda_runtime"] > 0
+    import importlib
+
+    assert importlib.import_module("syncbn._cuda").backend() is not None
+
+
+def close(got, ref, dtype, what):
+    ref = as_f64(ref)
+    got = as_f64(got)
+    tol = TOL[dtype]
+    err = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
+    assert got.shape == ref.shape and np.all(np.isfinite(got)), what
+    assert err.size == 0 or err.max() <= tol, f"{what}: {err.max():.3g} > {tol}"
+
+
+CASES = [  # (shape, axis, layout): both regimes of channels-first, channels-last, odd C
+    ((8, 6, 5, 5), 1, "contiguous"),
+    ((8, 6, 5, 5), 1, "channels_last"),
+    ((3, 4, 40, 40), 1, "contiguous"),  # few channels, large H*W
+    ((16, 67, 3, 3), 1, "contiguous"),  # many channels, small H*W, C not a power of two
+    ((5, 7), 1, "contiguous"),
+    ((2, 3, 4, 5, 6), 1, "channels_last"),
+    ((6, 5, 4), -1, "contiguous"),
+    ((6, 5, 8), 1, "strided"),
+    ((0, 3, 4), 1, "contiguous"),
+]
+
+
+def make(shape, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return x.cuda().contiguous(memory_format=fmt)
+    if layout == "strided":
+        return torch.cat([x, x], dim=-1).cuda()[..., ::2]
+    return x.cuda()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,axis,layout", CASES)
+def test_cuda_functional_matches_float64_reference(shape, axis, layout, dtype):
+    x, dy = make(shape, layout, dtype, 0), make(shape, layout, dtype, 1)
+    C = shape[axis]
+    w = torch.rand(C, device="cuda") + 0.5
+    b = torch.rand(C, device="cuda")
+    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+    y, ctx = syncbn.batch_norm_forward(x, w, b, rm, rv, axis=axis, comm=syncbn.comm.local())
+    dx, dw, db = syncbn.batch_norm_backward(dy, ctx)
+    assert y.is_cuda and y.dtype == dtype and y.stride() == x.stride() or layout == "strided"
+    if x.numel() == 0:
+        assert y.numel() == 0 and torch.all(rm == 0)
+        return
+    close(y, bn_forward_ref(x, w, b, axis), dtype, "y")
+    rdx, rdw, rdb = bn_backward_ref(dy, x, w, axis)
+    close(dx, rdx, dtype, "dx")
+    np.testing.assert_allclose(as_f64(dw), rdw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(as_f64(db), rdb, rtol=1e-4, atol=1e-4)
+    rm_ref, rv_ref = running_stats_ref(np.zeros(C), np.ones(C), x, axis)
+    np.testing.assert_allclose(as_f64(rm), rm_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as_f64(rv), rv_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+def test_cuda_large_offset_and_constant_channel():
+    x = torch.randn(64, 3, 100, dtype=torch.float64)
+    x[:, 0] = x[:, 0] * 0.5 + 5e3  # mean 1e4 x std
+    x[:, 1] = 7.0
+    x = x.float().cuda()
+    rm, rv = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+    y, _ = syncbn.batch_norm_forward(x, None, None, rm, rv, momentum=1.0,
+                                     comm=syncbn.comm.local())
+    _, var, uvar, _ = __import__("reference").batch_moments(x, 1)
+    assert abs(float(rv[0]) / uvar[0] - 1) < 1e-4 and float(rv[1]) >= 0
+    assert torch.isfinite(y).all()
+
+
+@needs_gpu
+def test_torch_adapter_on_cuda_equals_batchnorm_and_keeps_channels_last():
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(5).cuda().double()
+    ours = sbt.SyncBatchNorm(5, comm=syncbn.comm.local()).cuda().double()
+    for _ in range(3):
+        x = torch.randn(4, 5, 6, 6, device="cuda", dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        assert ya.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ya, yb)
+        ya.sum().backward(), yb.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+    for k, t in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], t)
+
+
+@needs_gpu
+def test_nccl_world_size_one_on_the_current_stream():
+    if not INFO["nccl"]:
+        pytest.fail("a GPU is here but this build has no NCCL: install the cuda extra")
+    from mpi4py import MPI
+
+    comm = syncbn.comm.nccl(MPI.COMM_SELF)
+    assert (comm.rank, comm.size, comm.kind) == (0, 1, "nccl")
+    bn = sbt.SyncBatchNorm(4, comm=comm).cuda()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.randn(8, 4, 5, device="cuda", requires_grad=True)
+        y = bn(x)
+        y.square().sum().backward()
+    torch.cuda.synchronize()
+    ref = torch.nn.functional.batch_norm(x.detach(), None, None, bn.weight.detach(),
+                                         bn.bias.detach(), True)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+def test_cuda_graph_capture_of_forward_and_backward():
+    bn = sbt.SyncBatchNorm(8, comm=syncbn.comm.local()).cuda()
+    x = torch.randn(16, 8, 4, 4, device="cuda", requires_grad=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (allocator pools) outside the capture
+        for _ in range(2):
+            bn(x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(g):
+        loss = bn(x).square().sum()
+        loss.backward()
+    g.replay()
+    torch.cuda.synchronize()
+    ref_x = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.batch_norm(ref_x, None, None, bn.weight.detach(),
+                                         bn.bias.detach(), True)
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+def test_cupy_module_has_the_numpy_interface():
+    cupy = pytest.importorskip("cupy")
+    from syncbn.cupy import SyncBatchNorm
+
+    bn = SyncBatchNorm(3, comm=syncbn.comm.local())
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((6, 3, 4)) * 2 + 1,
+                     dtype=cupy.float32)
+    y = bn.forward(x)
+    dx = bn.backward(cupy.ones_like(y))
+    assert isinstance(y, cupy.ndarray) and isinstance(dx, cupy.ndarray)
+    close(y.get(), bn_forward_ref(x.get()), torch.float32, "y")
+    assert int(bn.num_batches_tracked) == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+def test_mpi_ranks_sharing_one_gpu_with_device_buffers(nranks, tmp_path):
+    import json
+
+    from test_mpi_equivalence import make_data, reference_step
+
+    case = dict(sizes=[3, 0, 2, 1], tail=(3, 5, 4), axis=1, dtype="float32",
+                layout="torch_cuda", steps=2, momentum=0.1, eps=1e-5)
+    sizes, data = make_data("cuda", case, nranks, tmp_path / "data.npz")
+    case.update(sizes=sizes, data=str(tmp_path / "data.npz"))
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    run_mpi(nranks, WORKERS / "equivalence.py", tmp_path / "case.json", tmp_path)
+    res = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(nranks)]
+    offs = np.cumsum([0] + sizes)
+    for s in range(2):
+        x = np.concatenate([res[r][f"xin{s}"] for r in range(nranks)])
+        dy = np.concatenate([res[r][f"dyin{s}"] for r in range(nranks)])
+        ref = reference_step(x, dy, data["weight"], data["bias"], 1)
+        for r in range(nranks):
+            sl = slice(offs[r], offs[r + 1])
+            np.testing.assert_allclose(res[r][f"y{s}"], ref["y"][sl], rtol=3e-5, atol=3e-5)
+            np.testing.assert_allclose(res[r][f"dx{s}"], ref["dx"][sl], rtol=3e-5, atol=3e-5)
