@@ -73,7 +73,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
     On a CUDA device everything runs on the framework's current stream and nothing is read
     back to the host (``ctx.count`` stays a device array); a global count of 1 is then not
-    raised (the running variance update is skipped instead).
+    raised (the running stats are left untouched instead, as by a failed call).
     """
     axis = _int(axis, "axis")
     momentum = _float(momentum, "momentum")

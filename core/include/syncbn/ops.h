@@ -34,7 +34,7 @@ void allreduce(const TensorView& buffer, Communicator& comm, void* stream = null
 //    unbiased with the global count). Returns the global count per channel. Throws
 //    ValueError when the count is 1; a count of 0 writes nothing. On a device the count
 //    stays in buffer[2C] (no host sync): returns NaN, a count of 1 is not raised (the
-//    running variance update is skipped) and a count of 0 writes nothing.
+//    running stats are left untouched) and a count of 0 writes nothing.
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,

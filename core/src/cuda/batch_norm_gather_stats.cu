@@ -7,7 +7,8 @@ namespace {
 
 // One thread per channel. N is read here, on the device, because the host may not wait
 // for the all-reduce: N == 0 (no samples on any rank) writes nothing, as the CPU path;
-// N < 2 would make the unbiased variance 0/0, so running_var keeps its value.
+// N < 2 is the error the host path raises (no host sync here to raise it): like a failed
+// call, it leaves both running stats as they were.
 template <class R>
 __global__ void gather_stats_kernel(const double* __restrict__ buf, int64_t C, double momentum,
                                     double eps, bool unbiased, R* running_mean, int64_t rm_stride,
@@ -21,7 +22,7 @@ __global__ void gather_stats_kernel(const double* __restrict__ buf, int64_t C, d
     mean[c] = gm.mean;
     invstd[c] = invstd_of(gm.var_biased, eps);
     if (var_biased) var_biased[c] = gm.var_biased;
-    if (running_mean) {
+    if (running_mean && N >= 2) {
       R* p = running_mean + c * rm_stride;
       store<double>(p, (1 - momentum) * load<double>(p) + momentum * gm.mean);
     }

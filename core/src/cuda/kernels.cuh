@@ -1,7 +1,9 @@
 // CUDA kernels, the mirror of core/src/cpu/kernels.h: the same primitives over the same
 // dense (outer, C, inner) traversal (see Geometry), stream-ordered on the caller's stream,
 // no host synchronization, 64-bit indexing. Per-channel parameters are float64 device
-// arrays of length C. All launchers are no-ops for empty tensors.
+// arrays of length C. Element-wise launchers are no-ops for empty tensors; the two
+// reductions still write their outputs then (zero sums, n = 0), as the CPU path does.
+// Launch errors throw std::runtime_error naming the kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,13 +17,12 @@ namespace syncbn::cuda {
 // shift = the channel's first element (o=0, i=0), float64 shifted sums, then
 // pack_local_moments(n, shift, t1, t2). n = outer*inner (0 when the tensor is empty,
 // then buf is all zeros).
-void batch_norm_stats(const void* x, DType dt, const Geometry& g, double* buf,
-                      cudaStream_t stream);
+void batch_norm_stats(const void* x, DType dt, const Geometry& g, double* buf, cudaStream_t stream);
 
 // From a reduced stats buffer (device, 2C+1): mean, invstd (finalize_moments, invstd_of
 // from math.h), and running stats update in place when running_mean/var are non-null:
 // new = (1-m)*old + m*batch with batch var = M2/(N-1) if unbiased else M2/N. N = buf[2C]
-// is read on the device: N == 0 writes nothing; N < 2 skips the running-var update (no
+// is read on the device: N == 0 writes nothing; N < 2 leaves the running stats as they are (no
 // host sync is possible to raise, see ops). running stats are 1-D views of any floating
 // dtype and stride on the device (use rm_dtype / stride).
 struct RunningStats {
@@ -32,9 +33,8 @@ struct RunningStats {
   int64_t var_stride = 1;
 };
 void batch_norm_gather_stats(const double* buf, int64_t C, double momentum, double eps,
-                             bool unbiased, RunningStats running, double* mean,
-                             double* invstd, double* var_biased /*nullable*/,
-                             cudaStream_t stream);
+                             bool unbiased, RunningStats running, double* mean, double* invstd,
+                             double* var_biased /*nullable*/, cudaStream_t stream);
 
 // y = (x - mean) * invstd * w + b, w/b device float64 arrays (null: 1 / 0).
 void batch_norm_elemt(const void* x, void* y, DType dt, const Geometry& g, const double* mean,
@@ -49,12 +49,12 @@ void batch_norm_backward_reduce(const void* dy, const void* x, DType dt, const G
                                 double* grad_weight, double* grad_bias, cudaStream_t stream);
 
 // dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * w, with
-// sums = the globally reduced [sum_dy | sum_dy_xmu] (null: eval, the two terms are 0) and
-// N read on the device from *count (null when sums is null).
-void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt,
-                               const Geometry& g, const double* mean, const double* invstd,
-                               const double* weight, const double* sums, const double* count,
-                               cudaStream_t stream);
+// sums = the globally reduced [sum_dy | sum_dy_xmu] (null: eval, the two terms are 0, so
+// dx = dy * invstd * w and x is not read) and N read on the device from *count (null when
+// sums is null).
+void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt, const Geometry& g,
+                               const double* mean, const double* invstd, const double* weight,
+                               const double* sums, const double* count, cudaStream_t stream);
 
 // Element-wise copy between two device views of the same shape and dtype, any strides
 // (up to kMaxDims dims). Used to pack non-dense inputs and unpack outputs.
@@ -68,7 +68,6 @@ void vector_from_double(const double* src, void* dst, DType dt, int64_t stride, 
                         cudaStream_t stream);
 
 // eval: invstd[c] = invstd_of(var[c], eps) from a float64 device array.
-void invstd_from_var(const double* var, int64_t n, double eps, double* invstd,
-                     cudaStream_t stream);
+void invstd_from_var(const double* var, int64_t n, double eps, double* invstd, cudaStream_t stream);
 
 }  // namespace syncbn::cuda

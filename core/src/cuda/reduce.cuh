@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < V; ++k) sa[k][t] = a[k], sb[k][t] = b[k];
   __syncthreads();
-  for (int h = blockDim.y / 2; h > 0; h >>= 1) {  // blockDim.y is a power of two
+  for (unsigned h = blockDim.y / 2; h > 0; h >>= 1) {  // blockDim.y is a power of two
     if (threadIdx.y < h) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
