@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "errors.h"
 #include "syncbn/device_backend.h"
 #include "syncbn/errors.h"
 #ifdef SYNCBN_WITH_NCCL
@@ -43,17 +44,7 @@ nb::capsule communicator_capsule(syncbn::Communicator* c) {
 
 NB_MODULE(_cuda, m) {
   m.doc() = "syncbn CUDA backend (internal; loaded by the syncbn package when needed)";
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const syncbn::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    } catch (const syncbn::ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const syncbn::CommError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-  });
+  syncbn::bindings::register_exception_translators();
 
   m.def("backend", [] {
     return nb::capsule(const_cast<syncbn::DeviceBackend*>(syncbn::cuda::backend_table()),

@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "errors.h"
 #include "syncbn/build_config.h"
 #include "syncbn/communicator.h"
 #include "syncbn/device_backend.h"
@@ -164,17 +165,7 @@ NB_MODULE(_core, m) {
   // torch.compile's caches) are legitimately alive at exit.
   nb::set_leak_warnings(false);
 
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const syncbn::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    } catch (const syncbn::ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const syncbn::CommError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-  });
+  syncbn::bindings::register_exception_translators();
 
   nb::class_<syncbn::Communicator>(m, "Communicator", nb::dynamic_attr())
       .def_prop_ro("rank", &syncbn::Communicator::rank)

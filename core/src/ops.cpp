@@ -115,12 +115,7 @@ void write_vec(const TensorView& t, const double* v) {
 // else a contiguous one; tensors with other strides go through a packed copy.
 class Layout {
  public:
-  Layout(const TensorView& x, int axis) : ref_(x) {
-    if (!dense_geometry(x, axis, &g_)) {
-      ref_ = contiguous_view(nullptr, x.dtype, x.device, x.ndim, x.shape);
-      dense_geometry(ref_, axis, &g_);
-    }
-  }
+  Layout(const TensorView& x, int axis) : ref_(traversal_reference(x, axis, &g_)) {}
   const Geometry& geometry() const { return g_; }
 
   const void* input(const TensorView& t) {
@@ -150,8 +145,8 @@ class Layout {
     v.dtype = t.dtype;
     return v;
   }
+  Geometry g_;  // before ref_: ref_'s initializer fills it
   TensorView ref_;
-  Geometry g_;
   std::vector<std::unique_ptr<char[]>> temps_;
   std::vector<std::pair<TensorView, TensorView>> pending_;
 };

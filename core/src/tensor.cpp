@@ -157,6 +157,13 @@ bool dense_geometry(const TensorView& t, int axis, Geometry* g) {
   return true;
 }
 
+TensorView traversal_reference(const TensorView& x, int axis, Geometry* g) {
+  if (dense_geometry(x, axis, g)) return x;
+  TensorView ref = contiguous_view(nullptr, x.dtype, x.device, x.ndim, x.shape);
+  dense_geometry(ref, axis, g);
+  return ref;
+}
+
 void copy_strided(const TensorView& src, const TensorView& dst) {
   const int64_t n = src.numel();
   if (n == 0) return;

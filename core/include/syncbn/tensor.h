@@ -57,6 +57,10 @@ struct Geometry {
 };
 bool dense_geometry(const TensorView& t, int axis, Geometry* g);
 
+// The strides every tensor of one op is brought to: x's own when x is dense, else a
+// contiguous layout of x's shape (data null); `g` gets its traversal.
+TensorView traversal_reference(const TensorView& x, int axis, Geometry* g);
+
 // Element-wise copy between two views of the same shape and dtype, any strides.
 void copy_strided(const TensorView& src, const TensorView& dst);
 

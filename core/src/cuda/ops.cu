@@ -94,12 +94,8 @@ void fill(double* p, int64_t n, double v, cudaStream_t s) {
 // a contiguous one), through packed device copies where strides differ.
 class Layout {
  public:
-  Layout(const TensorView& x, int axis, Scratch& scratch) : ref_(x), scratch_(scratch) {
-    if (!dense_geometry(x, axis, &g_)) {
-      ref_ = contiguous_view(nullptr, x.dtype, x.device, x.ndim, x.shape);
-      dense_geometry(ref_, axis, &g_);
-    }
-  }
+  Layout(const TensorView& x, int axis, Scratch& scratch)
+      : ref_(traversal_reference(x, axis, &g_)), scratch_(scratch) {}
   ~Layout() = default;
   const Geometry& geometry() const { return g_; }
 
@@ -127,9 +123,9 @@ class Layout {
     v.dtype = t.dtype;
     return v;
   }
+  Geometry g_;  // before ref_: ref_'s initializer fills it
   TensorView ref_;
   Scratch& scratch_;
-  Geometry g_;
   std::vector<std::pair<TensorView, TensorView>> pending_;
 };
 

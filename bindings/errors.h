@@ -1,0 +1,24 @@
+// The translation of the core's exceptions to Python's, shared by syncbn's modules.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include "syncbn/errors.h"
+
+namespace syncbn::bindings {
+
+inline void register_exception_translators() {
+  nanobind::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const syncbn::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const syncbn::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const syncbn::CommError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+}
+
+}  // namespace syncbn::bindings
