@@ -11,9 +11,23 @@ def _framework(x) -> str:
 
 
 def export(x):
-    """The array as the core may import it (torch refuses DLPack export under autograd)."""
-    if x is not None and _framework(x) == "torch":
-        return x.detach()
+    """The array as the core may import it: torch tensors detached (torch refuses DLPack
+    export under autograd); device arrays as DLPack capsules, which skip the
+    __dlpack__(stream=None) handshake with the legacy default stream - the core runs on
+    the framework's current stream anyway, and that handshake is not allowed while a
+    CUDA graph is being captured."""
+    if x is None:
+        return x
+    fw = _framework(x)
+    if fw == "torch":
+        x = x.detach()
+        if x.is_cuda:
+            from torch.utils.dlpack import to_dlpack
+
+            return to_dlpack(x)
+        return x
+    if fw == "cupy":
+        return x.toDlpack()
     return x
 
 

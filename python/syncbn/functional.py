@@ -87,8 +87,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     save_count = _arrays.vector(1, x) if _arrays.is_cuda(x) else None
     ex = _arrays.export
     count = _core.forward(ex(x), ex(weight), ex(bias), ex(running_mean), ex(running_var),
-                          y, mean, invstd, training, momentum, eps, axis, c,
-                          bool(unbiased_running_var), save_count, stream)
+                          ex(y), ex(mean), ex(invstd), training, momentum, eps, axis, c,
+                          bool(unbiased_running_var), ex(save_count), stream)
     if save_count is not None:
         count = save_count
     ctx = BatchNormContext(x, weight, bias, mean, invstd, count, axis, training, c)
@@ -110,9 +110,9 @@ def batch_norm_backward(dy, ctx: BatchNormContext, *, need_dx=True):
     ex = _arrays.export
     stream = _arrays.prepare(ctx.x)
     on_host = isinstance(ctx.count, float)
-    _core.backward(ex(dy), ex(ctx.x), ctx.mean, ctx.invstd, ex(ctx.weight), dx, dw, db,
-                   ctx.training, ctx.count if on_host else float("nan"), ctx.axis, ctx.comm,
-                   None if on_host else ctx.count, stream)
+    _core.backward(ex(dy), ex(ctx.x), ex(ctx.mean), ex(ctx.invstd), ex(ctx.weight), ex(dx),
+                   ex(dw), ex(db), ctx.training, ctx.count if on_host else float("nan"),
+                   ctx.axis, ctx.comm, None if on_host else ex(ctx.count), stream)
     return dx, dw, db
 
 
@@ -124,7 +124,7 @@ def batch_norm_stats(x, axis=1):
     2C+1 values ``[n*mean (C) | M2 + n*mean^2 (C) | n]`` (see core/include/syncbn/math.h)."""
     axis = _int(axis, "axis")
     buf = _arrays.vector(2 * _arrays.channels(x, axis) + 1, x)
-    _core.batch_norm_stats(_arrays.export(x), axis, buf, _arrays.prepare(x))
+    _core.batch_norm_stats(_arrays.export(x), axis, _arrays.export(buf), _arrays.prepare(x))
     return buf
 
 
@@ -146,7 +146,7 @@ def batch_norm_gather_stats(buffer, running_mean=None, running_var=None, *, mome
     ex = _arrays.export
     count = _core.batch_norm_gather_stats(ex(buffer), _float(momentum, "momentum"),
                                           _float(eps, "eps"), ex(running_mean),
-                                          ex(running_var), mean, invstd, var,
+                                          ex(running_var), ex(mean), ex(invstd), ex(var),
                                           _arrays.prepare(buffer))
     if _arrays.is_cuda(buffer):
         count = buffer[-1:]
@@ -158,7 +158,7 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1):
     ex = _arrays.export
     y = _arrays.empty_like(x)
     _core.batch_norm_elemt(ex(x), _int(axis, "axis"), ex(mean), ex(invstd), ex(weight),
-                           ex(bias), y, _arrays.prepare(x))
+                           ex(bias), ex(y), _arrays.prepare(x))
     return y
 
 
@@ -172,8 +172,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1, weight_grad=True,
     sums = _arrays.vector(2 * C, x)
     gw = _arrays.vector(C, x) if weight_grad else None
     gb = _arrays.vector(C, x) if bias_grad else None
-    _core.batch_norm_backward_reduce(ex(dy), ex(x), axis, ex(mean), ex(invstd), sums, gw, gb,
-                                     _arrays.prepare(x))
+    _core.batch_norm_backward_reduce(ex(dy), ex(x), axis, ex(mean), ex(invstd), ex(sums),
+                                     ex(gw), ex(gb), _arrays.prepare(x))
     return sums, gw, gb
 
 
@@ -185,5 +185,6 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sums, count, *, axis=
     if not hasattr(count, "__dlpack__"):
         count = _float(count, "count")
     _core.batch_norm_backward_elemt(ex(dy), ex(x), _int(axis, "axis"), ex(mean), ex(invstd),
-                                    ex(weight), ex(sums), ex(count), dx, _arrays.prepare(x))
+                                    ex(weight), ex(sums), ex(count), ex(dx),
+                                    _arrays.prepare(x))
     return dx
