@@ -129,6 +129,7 @@ class ForeignCommunicator final : public syncbn::Communicator {
   int size() const override { return inner_->size(); }
   const char* kind() const override { return inner_->kind(); }
   bool accepts(syncbn::Device d) const override { return inner_->accepts(d); }
+  bool stream_ordered() const override { return inner_->stream_ordered(); }
   void allreduce_sum(double* data, int64_t count, syncbn::Device device, void* stream) override {
     inner_->allreduce_sum(data, count, device, stream);
   }
@@ -171,6 +172,10 @@ NB_MODULE(_core, m) {
       .def_prop_ro("rank", &syncbn::Communicator::rank)
       .def_prop_ro("size", &syncbn::Communicator::size)
       .def_prop_ro("kind", &syncbn::Communicator::kind)
+      .def_prop_ro(
+          "cuda_buffers",
+          [](const syncbn::Communicator& c) { return c.accepts({syncbn::DeviceType::CUDA, 0}); },
+          "Whether device buffers go to the all-reduce directly (else staged through host).")
       .def("__repr__", [](const syncbn::Communicator& c) {
         return std::string("<syncbn communicator ") + c.kind() +
                " rank=" + std::to_string(c.rank()) + " size=" + std::to_string(c.size()) + ">";

@@ -20,6 +20,9 @@ class Communicator {
   // Whether allreduce_sum takes buffers on `device` directly (NCCL, CUDA-aware MPI). When
   // not, device backends stage the buffer through host memory (correct, but a host sync).
   virtual bool accepts(Device device) const { return device.type == DeviceType::CPU; }
+  // Whether allreduce_sum is ordered on the caller's stream (NCCL). When not, a device
+  // backend synchronizes the stream before handing it a device buffer (CUDA-aware MPI).
+  virtual bool stream_ordered() const { return false; }
 };
 
 // World of one: the all-reduce is the identity.
@@ -30,6 +33,7 @@ class LocalCommunicator final : public Communicator {
   void allreduce_sum(double*, int64_t, Device, void*) override {}
   const char* kind() const override { return "local"; }
   bool accepts(Device) const override { return true; }  // nothing is touched
+  bool stream_ordered() const override { return true; }
 };
 
 }  // namespace syncbn

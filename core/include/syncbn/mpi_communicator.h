@@ -16,10 +16,17 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
   void allreduce_sum(double* data, int64_t count, Device device, void* stream) override;
   const char* kind() const override { return "mpi"; }
+  // Device buffers go straight to MPI when the library reports CUDA support at run time
+  // (MPIX_GPU_query_support / MPIX_Query_cuda_support); otherwise they are staged.
+  bool accepts(Device d) const override {
+    return d.type == DeviceType::CPU || (d.type == DeviceType::CUDA && cuda_aware_);
+  }
+  bool cuda_aware() const { return cuda_aware_; }
   MPI_Comm comm() const { return comm_; }
 
  private:
   MPI_Comm comm_;
+  bool cuda_aware_ = false;
   int rank_ = 0;
   int size_ = 1;
 };

@@ -25,6 +25,7 @@ class NcclCommunicator final : public Communicator {
   const char* kind() const override { return "nccl"; }
   bool accepts(Device d) const override { return d.type == DeviceType::CUDA && d.id == device_; }
   void allreduce_sum(double* data, int64_t count, Device device, void* stream) override;
+  bool stream_ordered() const override { return true; }
   int device() const { return device_; }
   // Subgroup of the ranks passing the same color, ordered by key (collective).
   NcclCommunicator* split(int color, int key) const;

@@ -1,4 +1,7 @@
 #include <climits>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // Open MPI's MPIX_CUDA_AWARE_SUPPORT
+#endif
 
 #include "syncbn/errors.h"
 #include "syncbn/mpi_communicator.h"
@@ -24,12 +27,21 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
   if (comm == MPI_COMM_NULL) fail("comm: expected a valid MPI communicator, got MPI_COMM_NULL");
   check_mpi(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm, &size_), "MPI_Comm_size");
+#if defined(MPIX_GPU_SUPPORT_CUDA)  // MPICH >= 4
+  int supported = 0;
+  if (MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &supported) == MPI_SUCCESS)
+    cuda_aware_ = supported != 0;
+#elif defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+  cuda_aware_ = MPIX_Query_cuda_support() != 0;
+#endif
 }
 
 void MpiCommunicator::allreduce_sum(double* data, int64_t count, Device device, void*) {
-  if (device.type != DeviceType::CPU)
-    fail("buffer: the MPI communicator takes host buffers in this build, got ",
-         device_name(device));
+  if (!accepts(device))
+    fail(
+        "buffer: this MPI library is not CUDA-aware, so the MPI communicator takes host "
+        "buffers (device backends stage them), got ",
+        device_name(device));
   if (count > INT_MAX) fail("buffer: expected at most ", INT_MAX, " values, got ", count);
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, int(count), MPI_DOUBLE, MPI_SUM, comm_),
             "MPI_Allreduce");

@@ -151,6 +151,8 @@ RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
 // buffers (NCCL, local), else staged through host memory.
 void allreduce_device(double* buf, int64_t n, Device dev, Communicator& comm, cudaStream_t s) {
   if (comm.accepts(dev)) {
+    // A CUDA-aware MPI reads the buffer outside the stream: let the stream finish first.
+    if (!comm.stream_ordered()) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     comm.allreduce_sum(buf, n, dev, s);
     return;
   }
