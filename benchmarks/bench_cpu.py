@@ -334,6 +334,17 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def reexec_with_malloc_keep():
+    """Re-executes this script with glibc settings that keep freed memory (no-op when
+    already set). glibc reads them at start-up only; 32 MiB is the largest mmap threshold
+    it accepts, every benchmark buffer is below it, so all come from the heap, which is
+    never trimmed back to the OS."""
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 * 2**20),
+                   MALLOC_TRIM_THRESHOLD_=str(2**40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run (3 reps, 64 MiB copy)")
@@ -347,13 +358,8 @@ def main() -> int:
     ap.add_argument("--mpi-part", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 25)
-    if args.malloc_keep and os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
-        # glibc reads these at start-up only: re-exec. 32 MiB is the largest mmap threshold
-        # glibc accepts; every benchmark buffer is below it, so all come from the heap,
-        # which is never trimmed back to the OS.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 * 2**20),
-                   MALLOC_TRIM_THRESHOLD_=str(2**40))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.malloc_keep:
+        reexec_with_malloc_keep()
 
     if args.mpi_part:
         mpi_part(reps)

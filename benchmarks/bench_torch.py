@@ -35,7 +35,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import Contention, interleaved, mark, summary  # noqa: E402
+from bench_cpu import (  # noqa: E402
+    Contention,
+    interleaved,
+    mark,
+    reexec_with_malloc_keep,
+    summary,
+)
 
 TARGET_ADAPTER_OVERHEAD = 0.10  # adapter time / core time - 1
 BIG = (32, 64, 56, 56)
@@ -190,10 +196,8 @@ def main() -> int:
                     "from fresh 25 MB buffers), as bench_cpu.py --malloc-keep")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 51)
-    if args.malloc_keep and os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 * 2**20),
-                   MALLOC_TRIM_THRESHOLD_=str(2**40))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.malloc_keep:
+        reexec_with_malloc_keep()
 
     import torch  # first, so its libgomp is the one process-wide OpenMP runtime
 
