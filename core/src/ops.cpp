@@ -8,6 +8,7 @@
 
 #include "cpu/kernels.h"
 #include "dispatch.h"
+#include "layout.h"
 #include "syncbn/device_backend.h"
 #include "syncbn/errors.h"
 #include "syncbn/math.h"
@@ -111,45 +112,16 @@ void write_vec(const TensorView& t, const double* v) {
 
 // ---- layout -------------------------------------------------------------------------
 
-// Gives every tensor of one op the same dense traversal: x's own layout when it is dense,
-// else a contiguous one; tensors with other strides go through a packed copy.
-class Layout {
- public:
-  Layout(const TensorView& x, int axis) : ref_(traversal_reference(x, axis, &g_)) {}
-  const Geometry& geometry() const { return g_; }
-
-  const void* input(const TensorView& t) {
-    if (t.same_strides(ref_)) return t.data;
-    TensorView tmp = temp_like(t);
-    copy_strided(t, tmp);
-    return tmp.data;
+// Host scratch for Layout: heap blocks freed with the op.
+struct HostMemory {
+  std::vector<std::unique_ptr<char[]>> blocks;
+  void* bytes(size_t n) {
+    blocks.emplace_back(new char[n ? n : 1]);
+    return blocks.back().get();
   }
-  void* output(const TensorView& t) {
-    if (t.same_strides(ref_)) return t.data;
-    TensorView tmp = temp_like(t);
-    pending_.push_back({tmp, t});
-    return tmp.data;
-  }
-  // Copies outputs that went through a temporary to their destination.
-  void finish() {
-    for (auto& p : pending_) copy_strided(p.first, p.second);
-    pending_.clear();
-  }
-
- private:
-  TensorView temp_like(const TensorView& t) {
-    const int64_t bytes = t.numel() * dtype_size(t.dtype);
-    temps_.emplace_back(new char[size_t(bytes)]);
-    TensorView v = ref_;
-    v.data = temps_.back().get();
-    v.dtype = t.dtype;
-    return v;
-  }
-  Geometry g_;  // before ref_: ref_'s initializer fills it
-  TensorView ref_;
-  std::vector<std::unique_ptr<char[]>> temps_;
-  std::vector<std::pair<TensorView, TensorView>> pending_;
+  void copy(const TensorView& src, const TensorView& dst) { copy_strided(src, dst); }
 };
+using HostLayout = Layout<HostMemory>;
 
 // ---- unchecked building blocks -------------------------------------------------------
 
@@ -160,7 +132,7 @@ void local_stats(const TensorView& x, int axis, double* buf) {
   Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0),
       shift(static_cast<size_t>(C), 0.0);
   if (n > 0) {
-    Layout lay(x, axis);
+    HostLayout lay(x, axis);
     const Geometry& g = lay.geometry();
     const void* xp = lay.input(x);
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
@@ -218,7 +190,7 @@ void elemt(const TensorView& x, int axis, const double* mean, const double* invs
     scale[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
     b[size_t(c)] = bias ? bias[c] : 0.0;
   }
-  Layout lay(x, axis);
+  HostLayout lay(x, axis);
   const void* xp = lay.input(x);
   void* yp = lay.output(y);
   cpu::batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), mean, scale.data(), b.data());
@@ -231,7 +203,7 @@ void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const 
   std::fill(sum_dy, sum_dy + C, 0.0);
   std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
   if (x.numel() == 0) return;
-  Layout lay(x, axis);
+  HostLayout lay(x, axis);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   cpu::batch_norm_backward_reduce(dyp, xp, x.dtype, lay.geometry(), mean, sum_dy, sum_dy_xmu);
@@ -252,7 +224,7 @@ void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const d
     }
     gain[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
   }
-  Layout lay(x, axis);
+  HostLayout lay(x, axis);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "../layout.h"
 #include "kernels.cuh"
 #include "syncbn/device_backend.h"
 #include "syncbn/errors.h"
@@ -90,44 +91,18 @@ void fill(double* p, int64_t n, double v, cudaStream_t s) {
   check(cudaGetLastError(), "fill_kernel");
 }
 
-// The device twin of ops.cpp's Layout: every tensor of an op gets x's dense traversal (or
-// a contiguous one), through packed device copies where strides differ.
-class Layout {
- public:
-  Layout(const TensorView& x, int axis, Scratch& scratch)
-      : ref_(traversal_reference(x, axis, &g_)), scratch_(scratch) {}
-  ~Layout() = default;
-  const Geometry& geometry() const { return g_; }
-
-  const void* input(const TensorView& t) {
-    if (t.same_strides(ref_)) return t.data;
-    TensorView tmp = temp_like(t);
-    copy_strided(t, tmp, scratch_.stream());
-    return tmp.data;
+// Device scratch for Layout (see layout.h): stream-ordered, freed with the op's Scratch.
+struct DeviceMemory {
+  Scratch* scratch;
+  void* bytes(size_t n) { return scratch->bytes(n); }
+  void copy(const TensorView& src, const TensorView& dst) {
+    copy_strided(src, dst, scratch->stream());
   }
-  void* output(const TensorView& t) {
-    if (t.same_strides(ref_)) return t.data;
-    TensorView tmp = temp_like(t);
-    pending_.push_back({tmp, t});
-    return tmp.data;
-  }
-  void finish() {
-    for (auto& p : pending_) copy_strided(p.first, p.second, scratch_.stream());
-    pending_.clear();
-  }
-
- private:
-  TensorView temp_like(const TensorView& t) {
-    TensorView v = ref_;
-    v.data = scratch_.bytes(size_t(t.numel()) * size_t(dtype_size(t.dtype)));
-    v.dtype = t.dtype;
-    return v;
-  }
-  Geometry g_;  // before ref_: ref_'s initializer fills it
-  TensorView ref_;
-  Scratch& scratch_;
-  std::vector<std::pair<TensorView, TensorView>> pending_;
 };
+
+Layout<DeviceMemory> device_layout(const TensorView& x, int axis, Scratch& sc) {
+  return Layout<DeviceMemory>(x, axis, DeviceMemory{&sc});
+}
 
 RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
   RunningStats r;
@@ -173,7 +148,7 @@ void stats_into(const TensorView& x, int axis, double* buf, Scratch& sc) {
           "cudaMemsetAsync");
     return;
   }
-  Layout lay(x, axis, sc);
+  auto lay = device_layout(x, axis, sc);
   batch_norm_stats(lay.input(x), x.dtype, lay.geometry(), buf, sc.stream());
 }
 
@@ -217,7 +192,7 @@ void op_elemt(const TensorView& x, int axis, const TensorView& mean, const Tenso
   if (x.numel() == 0) return;
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
-  Layout lay(x, axis, sc);
+  auto lay = device_layout(x, axis, sc);
   const void* xp = lay.input(x);
   void* yp = lay.output(y);
   batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), sc.f64(&mean), sc.f64(&invstd), sc.f64(weight),
@@ -228,7 +203,7 @@ void op_elemt(const TensorView& x, int axis, const TensorView& mean, const Tenso
 void reduce_into(const TensorView& dy, const TensorView& x, int axis, const double* mean,
                  const double* invstd, double* sums, double* gw, double* gb, Scratch& sc) {
   if (x.numel() == 0) return;  // sums, gw, gb are zeros already
-  Layout lay(x, axis, sc);
+  auto lay = device_layout(x, axis, sc);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   batch_norm_backward_reduce(dyp, xp, x.dtype, lay.geometry(), mean, invstd, sums, gw, gb,
@@ -254,7 +229,7 @@ void elemt_backward(const TensorView& dy, const TensorView& x, int axis, const d
                     const double* invstd, const double* weight, const double* sums,
                     const double* count, const TensorView& dx, Scratch& sc) {
   if (x.numel() == 0) return;
-  Layout lay(x, axis, sc);
+  auto lay = device_layout(x, axis, sc);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);
@@ -299,7 +274,7 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
     write_vec(save_count, cnt, sc.stream());
   }
   if (x.numel() > 0) {
-    Layout lay(x, axis, sc);
+    auto lay = device_layout(x, axis, sc);
     const void* xp = lay.input(x);
     void* yp = lay.output(y);
     batch_norm_elemt(xp, yp, x.dtype, lay.geometry(), mean, invstd, sc.f64(weight), sc.f64(bias),
