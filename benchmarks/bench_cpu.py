@@ -127,6 +127,17 @@ class Contention:
 # ---- copy bandwidth -------------------------------------------------------------------
 
 
+def measure(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Interleaved samples per contender and their summaries, with the median page faults
+    per call."""
+    pf = {}
+    t = interleaved(fns, reps, faults=pf)
+    r = {k: summary(v) for k, v in t.items()}
+    for k in r:
+        r[k]["page_faults_per_call_median"] = statistics.median(pf[k])
+    return t, r
+
+
 def copy_bandwidth(nbytes: int, reps: int) -> dict:
     """Copy bandwidth (bytes moved = 2 x nbytes: read src, write dst), median over reps."""
     import torch
@@ -209,11 +220,7 @@ def run_case(case, reps, syncbn, torch) -> dict:
     for op, fns in (("fwd", {"syncbn": s_fwd, "torch": t_fwd, "syncbn_torch": st_fwd}),
                     ("fwd+bwd", {"syncbn": s_fwdbwd, "torch": t_fwdbwd,
                                  "syncbn_torch": st_fwdbwd})):
-        pf = {}
-        t = interleaved(fns, reps, faults=pf)
-        r = {k: summary(v) for k, v in t.items()}
-        for k in r:
-            r[k]["page_faults_per_call_median"] = statistics.median(pf[k])
+        t, r = measure(fns, reps)
         for k in ("syncbn", "syncbn_torch"):
             r[k]["ratio_median"] = r[k]["median_s"] / r["torch"]["median_s"]
             r[k]["ratio_min"] = r[k]["min_s"] / r["torch"]["min_s"]

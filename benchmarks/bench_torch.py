@@ -37,10 +37,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import (  # noqa: E402
     Contention,
-    interleaved,
     mark,
+    measure,
     reexec_with_malloc_keep,
-    summary,
 )
 
 TARGET_ADAPTER_OVERHEAD = 0.10  # adapter time / core time - 1
@@ -161,11 +160,7 @@ def run_case(shape, memory_format, reps, syncbn, torch) -> dict:
     for op, fns in (("fwd", {"adapter": adapter_fwd, "torch": torch_fwd, "core": core_fwd}),
                     ("fwd+bwd", {"adapter": adapter_fwdbwd, "torch": torch_fwdbwd,
                                  "core": core_fwdbwd})):
-        pf = {}
-        t = interleaved(fns, reps, faults=pf)
-        r = {k: summary(v) for k, v in t.items()}
-        for k in r:
-            r[k]["page_faults_per_call_median"] = statistics.median(pf[k])
+        t, r = measure(fns, reps)
 
         def paired(a, b, t=t):
             return statistics.median(p / q for p, q in zip(t[a], t[b], strict=True))
