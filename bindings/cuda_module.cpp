@@ -89,7 +89,8 @@ NB_MODULE(_cuda, m) {
           nb::gil_scoped_release nogil;
           c = nccl->split(color, key);
         }
-        return communicator_capsule(c);
+        if (!c) return nb::object(nb::none());  // color -1: this rank joins no subgroup
+        return nb::object(communicator_capsule(c));
       },
       "comm"_a, "color"_a, "key"_a);
 #else

@@ -60,6 +60,36 @@ def test_numpy_example_under_mpiexec_4_ranks():
     assert "OK" in out.stdout and "MISMATCH" not in out.stdout, out.stdout
 
 
+def test_comm_split_gives_a_subgroup_of_the_same_kind_and_checks_its_arguments():
+    from mpi4py import MPI
+
+    split = syncbn.comm.split
+    for parent in (syncbn.comm.mpi(), MPI.COMM_WORLD):
+        sub = split(parent, 0)
+        assert (sub.kind, sub.rank, sub.size) == ("mpi", 0, 1)
+        assert split(parent, None) is None  # MPI_UNDEFINED: in no subgroup
+    assert split(syncbn.comm.local(), 5, key=3).kind == "local"
+    assert split(syncbn.comm.local(), None) is None
+    w = syncbn.comm.mpi()
+    with pytest.raises(ValueError, match=r"color: expected an int >= 0 or None, got -2"):
+        split(w, -2)
+    with pytest.raises(TypeError, match="color: expected an int or None, got float"):
+        split(w, 1.5)
+    with pytest.raises(TypeError, match="key: expected an int or None, got str"):
+        split(w, 0, key="a")
+    with pytest.raises(TypeError, match="comm: expected a syncbn communicator"):
+        split(object(), 0)
+
+    class Mine:
+        rank, size = 0, 1
+
+        def allreduce(self, buf):
+            pass
+
+    with pytest.raises(TypeError, match="cannot split a 'python' communicator"):
+        split(syncbn.comm.as_communicator(Mine()), 0)
+
+
 def test_mpi_mismatch_between_module_and_mpi4py_is_a_clear_error():
     class OtherMPI:  # what mpi4py would report had it loaded another MPI library
         @staticmethod

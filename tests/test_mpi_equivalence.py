@@ -42,6 +42,7 @@ CASES = {
     "no-affine": dict(sizes=[2, 2, 3, 0], tail=(3, 4), axis=1, affine=False),
     "counting-communicator": dict(sizes=[2, 0, 3, 1], tail=(5, 3), axis=1, comm="counting"),
     "mpi-split-subgroups": dict(sizes=[2, 3, 1, 2], tail=(3, 4), axis=1, comm="split"),
+    "syncbn-comm-split": dict(sizes=[1, 0, 3, 2], tail=(3, 4), axis=1, comm="syncbn_split"),
 }
 
 # Tolerances relative to max(1, |ref|): output rounding of the dtype dominates.
@@ -116,7 +117,7 @@ def test_matches_float64_batch_norm_on_global_batch(name, nranks, tmp_path):
 
     axis, tol, C = case["axis"], TOL[case["dtype"]], len(data["weight"])
     groups = [[r for r in range(nranks) if r % 2 == g] for g in (0, 1)] \
-        if case.get("comm") == "split" else [list(range(nranks))]
+        if case.get("comm") in ("split", "syncbn_split") else [list(range(nranks))]
     w = data["weight"] if case.get("affine", True) else np.ones(C)
     b = data["bias"] if case.get("affine", True) else np.zeros(C)
 

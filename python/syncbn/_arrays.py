@@ -6,28 +6,36 @@ from __future__ import annotations
 import numpy as np
 
 
+_FRAMEWORK: dict = {}  # type -> top-level module name, looked up once per type
+
+
 def _framework(x) -> str:
-    return type(x).__module__.split(".", 1)[0]
+    t = type(x)
+    fw = _FRAMEWORK.get(t)
+    if fw is None:
+        fw = _FRAMEWORK[t] = t.__module__.split(".", 1)[0]
+    return fw
 
 
 def export(x):
-    """The array as the core may import it: torch tensors detached (torch refuses DLPack
-    export under autograd); device arrays as DLPack capsules, which skip the
+    """The array as the core may import it. Torch tensors go as DLPack capsules from
+    torch.utils.dlpack.to_dlpack: it takes tensors under autograd (Tensor.__dlpack__
+    refuses them), costs a tenth of __dlpack__, and on CUDA it skips the
     __dlpack__(stream=None) handshake with the legacy default stream - the core runs on
-    the framework's current stream anyway, and that handshake is not allowed while a
-    CUDA graph is being captured."""
+    torch's current stream anyway, and that handshake is not allowed while a CUDA graph
+    is being captured. CuPy arrays do the DLPack handshake naming the stream the core
+    runs on (CuPy's current one), so CuPy orders nothing (capturable as well)."""
     if x is None:
         return x
     fw = _framework(x)
     if fw == "torch":
-        x = x.detach()
-        if x.is_cuda:
-            from torch.utils.dlpack import to_dlpack
+        from torch.utils.dlpack import to_dlpack
 
-            return to_dlpack(x)
-        return x
+        return to_dlpack(x)
     if fw == "cupy":
-        return x.toDlpack()
+        # 1 is the legacy default stream; ndarray.toDlpack is deprecated (warns each call).
+        s = stream_of(x)
+        return x.__dlpack__(stream=s if s else 1)
     return x
 
 
@@ -43,7 +51,8 @@ def empty_like(x):
     if fw == "cupy":
         import cupy
 
-        return cupy.empty_like(x)
+        with x.device:  # CuPy allocates on the current device, not x's
+            return cupy.empty_like(x)
     ns = getattr(x, "__array_namespace__", None)
     if ns is not None:
         return ns().empty_like(x)
@@ -55,6 +64,10 @@ def empty_like(x):
 
 def is_cuda(x) -> bool:
     """Whether x lives on a CUDA device (DLPack kDLCUDA / kDLCUDAManaged)."""
+    if isinstance(x, np.ndarray):
+        return False
+    if _framework(x) == "torch":
+        return x.is_cuda
     dev = getattr(x, "__dlpack_device__", None)
     return dev is not None and int(dev()[0]) in (2, 13)
 
@@ -90,7 +103,8 @@ def stream_of(x) -> int:
     if fw == "cupy":
         import cupy
 
-        return int(cupy.cuda.get_current_stream().ptr)
+        with x.device:  # each device has its own current stream
+            return int(cupy.cuda.get_current_stream().ptr)
     return 0
 
 

@@ -14,8 +14,8 @@ import sys
 
 from . import _core
 
-__all__ = ["Communicator", "local", "mpi", "nccl", "torch_distributed", "as_communicator",
-           "default"]
+__all__ = ["Communicator", "local", "mpi", "nccl", "torch_distributed", "split",
+           "as_communicator", "default"]
 
 Communicator = _core.Communicator
 
@@ -134,6 +134,11 @@ def nccl(comm=None, *, group=None, device=None) -> Communicator:
     if comm is not None and group is not None:
         raise ValueError("comm, group: expected at most one of them, got both")
     device = _current_cuda_device() if device is None else int(device)
+    if isinstance(comm, _core.Communicator):  # a syncbn.comm.mpi(...) communicator
+        comm = getattr(comm, "mpi4py_comm", None)
+        if comm is None:
+            raise TypeError("comm: expected an mpi4py communicator or syncbn.comm.mpi(...), "
+                            "got a syncbn communicator that is not an MPI one")
     if group is not None or (comm is None and _torch_distributed_ready()):
         import torch.distributed as dist
 
@@ -149,6 +154,48 @@ def nccl(comm=None, *, group=None, device=None) -> Communicator:
         rank, size = comm.Get_rank(), comm.Get_size()
         uid = comm.bcast(cuda.nccl_unique_id() if rank == 0 else None, root=0)
     return _core.ForeignCommunicator(cuda.nccl_communicator(uid, rank, size, device))
+
+
+def _int_or_none(v, name: str):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int or None, got {type(v).__name__}")
+    return int(v)
+
+
+def split(comm, color, key=None):
+    """A subgroup of ``comm``: the ranks that pass the same ``color`` (an int >= 0) form one
+    communicator of the same kind, ranked by ``key`` (default: their rank in ``comm``). A
+    rank passing ``color=None`` joins none and gets ``None``. Collective: every rank of
+    ``comm`` must call it. Works for :func:`mpi` (``MPI_Comm_split``), :func:`nccl`
+    (``ncclCommSplit``, no new bootstrap) and :func:`local`; for a torch.distributed group
+    make the subgroup with ``torch.distributed.new_group`` and pass that."""
+    color = _int_or_none(color, "color")
+    key = _int_or_none(key, "key")
+    if color is not None and color < 0:
+        raise ValueError(f"color: expected an int >= 0 or None, got {color}")
+    if _is_mpi4py_comm(comm):
+        comm = mpi(comm)
+    if not isinstance(comm, _core.Communicator):
+        raise TypeError(f"comm: expected a syncbn communicator (syncbn.comm.mpi, nccl or "
+                        f"local) or an mpi4py communicator, got {type(comm).__name__}")
+    key = comm.rank if key is None else key
+    if isinstance(comm, _core.LocalCommunicator):
+        return None if color is None else local()
+    mpi4py_comm = getattr(comm, "mpi4py_comm", None)
+    if mpi4py_comm is not None:
+        from mpi4py import MPI
+
+        sub = mpi4py_comm.Split(MPI.UNDEFINED if color is None else color, key)
+        return None if sub == MPI.COMM_NULL else mpi(sub)
+    if comm.kind == "nccl":
+        from . import _device
+
+        cap = _device.cuda().nccl_split(comm.capsule, -1 if color is None else color, key)
+        return None if cap is None else _core.ForeignCommunicator(cap)
+    raise TypeError(f"comm: cannot split a {comm.kind!r} communicator; split the group it "
+                    "was made from (torch.distributed.new_group, your own object) instead")
 
 
 def _torch_distributed_ready() -> bool:

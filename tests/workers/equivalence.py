@@ -79,6 +79,9 @@ def main(case_path, out_dir):
     if kind == "split":  # two groups normalized independently: even and odd ranks
         sub = world.Split(color=r % 2, key=r)
         comm = syncbn.comm.mpi(sub)
+    elif kind == "syncbn_split":  # the same groups through syncbn.comm.split; keys reversed
+        comm = syncbn.comm.split(syncbn.comm.mpi(world), r % 2, key=-r)
+        assert comm.size == len(range(r % 2, world.Get_size(), 2)), comm
     elif kind == "counting":
         comm = CountingComm(world)
     else:

@@ -27,7 +27,8 @@ class NcclCommunicator final : public Communicator {
   void allreduce_sum(double* data, int64_t count, Device device, void* stream) override;
   bool stream_ordered() const override { return true; }
   int device() const { return device_; }
-  // Subgroup of the ranks passing the same color, ordered by key (collective).
+  // Subgroup of the ranks passing the same color, ordered by key (collective); null for
+  // a rank passing NCCL_SPLIT_NOCOLOR (-1).
   NcclCommunicator* split(int color, int key) const;
 
  private:

@@ -61,10 +61,12 @@ void NcclCommunicator::allreduce_sum(double* data, int64_t count, Device device,
 }
 
 NcclCommunicator* NcclCommunicator::split(int color, int key) const {
+  if (color < 0 && color != NCCL_SPLIT_NOCOLOR)
+    fail("color: expected an int >= 0 or NCCL_SPLIT_NOCOLOR, got ", color);
   ncclComm_t out = nullptr;
   DeviceGuard guard(device_);
   check_nccl(ncclCommSplit(comm_, color, key, &out, nullptr), "ncclCommSplit");
-  if (!out) fail("color: this rank passed NCCL_SPLIT_NOCOLOR and belongs to no subgroup");
+  if (!out) return nullptr;  // NCCL_SPLIT_NOCOLOR: in no subgroup
   return new NcclCommunicator(out, device_);
 }
 
