@@ -1,13 +1,16 @@
 """Copies core/src/cuda into $EMU_OUT/src/cuda with every kernel<<<cfg>>>(args) launch
-turned into ::emu::launch(cfg, [&] { kernel(args); }), so g++ can build and run the
-kernels (ops.cu, the orchestration, is left out: it calls the CUDA runtime for real)."""
+turned into ::emu::launch(cfg, [&] { kernel(args); }) and *.cu renamed *.cpp, so g++ can
+build and run them: the kernels (build_emu.sh) and ops.cu, the orchestration, whose CUDA
+runtime calls the shim emulates too (build_emu_ops.sh). The headers they include from
+core/src (dispatch.h, layout.h) are copied beside."""
 import os
 import shutil
 
 src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "core", "src")
 out = os.environ.get("EMU_OUT", "/tmp/syncbn_emu") + "/src"
 os.makedirs(out + "/cuda", exist_ok=True)
-shutil.copy(src + "/dispatch.h", out + "/dispatch.h")
+for h in ("dispatch.h", "layout.h"):
+    shutil.copy(src + "/" + h, out + "/" + h)
 
 def kernel_start(s, i):
     # scan back from i (the '<<<') over whitespace, then over a name with <...> args
@@ -49,9 +52,7 @@ def rewrite(s):
         s = s[:k0] + "::emu::launch(" + cfg + ", [&] { " + kern + "(" + args + "); })" + s[b + 1:]
     return s
 
-for f in os.listdir(src + "/cuda"):
-    if f == "ops.cu":
-        continue
+for f in sorted(os.listdir(src + "/cuda")):
     t = open(os.path.join(src, "cuda", f)).read()
     t = rewrite(t)
     # Cap grids so grid-stride loops take several steps in the tests.

@@ -68,6 +68,11 @@ class Scratch {
     vector_to_double(v->data, v->dtype, v->strides[0], v->shape[0], p, s_);
     return p;
   }
+  // Where a kernel writes a per-channel float64 result meant for `v`: v itself when it is
+  // a contiguous float64 array, else a float64 copy of its current values, to be written
+  // back (write_vec) when the pointer is not v.data. Either way an output the kernel
+  // leaves alone (a reduced count of 0) keeps its values.
+  double* f64_out(const TensorView& v) { return const_cast<double*>(f64(&v)); }
   cudaStream_t stream() const { return s_; }
 
  private:
@@ -177,14 +182,15 @@ void op_gather(const TensorView& buffer, double momentum, double eps, bool unbia
   Scratch sc(as_stream(stream));
   const int64_t C = (buffer.shape[0] - 1) / 2;
   const double* buf = sc.f64(&buffer);
-  double* m = sc.zeros(C);
-  double* s = sc.zeros(C);
-  double* v = var ? sc.zeros(C) : nullptr;
+  // A reduced count of 0 writes nothing (ops.h), so neither may the copy back.
+  double* m = sc.f64_out(mean);
+  double* s = sc.f64_out(invstd);
+  double* v = var ? sc.f64_out(*var) : nullptr;
   batch_norm_gather_stats(buf, C, momentum, eps, unbiased, running_stats(rm, rv), m, s, v,
                           sc.stream());
-  write_vec(mean, m, sc.stream());
-  write_vec(invstd, s, sc.stream());
-  if (var) write_vec(*var, v, sc.stream());
+  if (m != mean.data) write_vec(mean, m, sc.stream());
+  if (s != invstd.data) write_vec(invstd, s, sc.stream());
+  if (var && v != var->data) write_vec(*var, v, sc.stream());
 }
 
 void op_elemt(const TensorView& x, int axis, const TensorView& mean, const TensorView& invstd,
@@ -251,17 +257,20 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
                 const TensorView* rm, const TensorView* rv, const ForwardOptions& opt,
                 Communicator& comm, const TensorView& y, const TensorView& save_mean,
                 const TensorView& save_invstd, const TensorView& save_count) {
+  // Raises for running stats of two dtypes (training only): before any work or communication.
+  const RunningStats running = opt.training ? running_stats(rm, rv) : RunningStats{};
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
-  double* mean = sc.zeros(C);
-  double* invstd = sc.zeros(C);
+  // As on the host, a global count of 0 leaves save_mean/save_invstd as they were.
+  double* mean = sc.f64_out(save_mean);
+  double* invstd = sc.f64_out(save_invstd);
   if (opt.training) {
     double* buf = sc.zeros(2 * C + 1);
     stats_into(x, axis, buf, sc);
     allreduce_device(buf, 2 * C + 1, x.device, comm, sc.stream());
-    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
-                            running_stats(rm, rv), mean, invstd, nullptr, sc.stream());
+    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var, running, mean,
+                            invstd, nullptr, sc.stream());
     write_vec(save_count, buf + 2 * C, sc.stream());
   } else {
     check(cudaMemcpyAsync(mean, sc.f64(rm), size_t(C) * sizeof(double), cudaMemcpyDeviceToDevice,
@@ -281,8 +290,8 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
                      sc.stream());
     lay.finish();
   }
-  write_vec(save_mean, mean, sc.stream());
-  write_vec(save_invstd, invstd, sc.stream());
+  if (mean != save_mean.data) write_vec(save_mean, mean, sc.stream());
+  if (invstd != save_invstd.data) write_vec(save_invstd, invstd, sc.stream());
 }
 
 void op_backward(const TensorView& dy, const TensorView& x, int axis, const TensorView& save_mean,

@@ -2,6 +2,10 @@
 // kernel source on a machine without a GPU. Blocks run one after another; the threads of
 // a block are ucontext coroutines on one OS thread, switched at __syncthreads and at warp
 // shuffles (a barrier over the warp), so block/warp cooperation runs as written.
+// "Device memory" is host memory; every stream operation completes when it is called.
+// For the orchestration (ops.cu) the runtime calls it makes are emulated too and counted
+// in emu::State (syncs, copies by kind, streams and devices used), with a capture mode
+// (emu::st().capturing) that refuses what CUDA-graph capture forbids.
 #pragma once
 #include <ucontext.h>
 
@@ -27,9 +31,37 @@ struct dim3 {
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 typedef struct CUstream_st* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidConfiguration = 9 };
-inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorEmu"; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorStreamCaptureUnsupported = 900,
+};
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+  }
+  return "cudaErrorEmu";
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaErrorStreamCaptureUnsupported
+             ? "operation not permitted when stream is capturing (emulated)"
+             : "emulated error";
+}
 
 namespace emu {
 struct Thread {
@@ -54,6 +86,25 @@ struct State {
   std::vector<Thread> threads;
   std::vector<std::vector<char>> stacks;
   long launches = 0, mallocs = 0, frees = 0;
+  // Runtime calls besides launches (for ops.cu, the orchestration).
+  long syncs = 0;                           // cudaStreamSynchronize / cudaDeviceSynchronize
+  long d2h = 0, h2d = 0, d2d = 0, h2h = 0;  // cudaMemcpyAsync by kind
+  long memsets = 0;
+  // Emulated CUDA-graph capture: while set, host synchronization and copies between host
+  // and device are refused with cudaErrorStreamCaptureUnsupported (counted in refused).
+  bool capturing = false;
+  long refused = 0;
+  // Stream-ordered work enqueued (launches, async alloc/free/memset/memcpy) and its value
+  // at the last synchronization: equal means the stream is drained.
+  long enqueued = 0, enqueued_at_sync = 0;
+  // When check_stream is set, work enqueued on another stream than `stream` is counted.
+  bool check_stream = false;
+  cudaStream_t stream = nullptr;
+  long wrong_stream = 0;
+  // The current device (cudaGetDevice/cudaSetDevice) among device_count; when
+  // expect_device >= 0, work enqueued while another device is current is counted.
+  int device = 0, device_count = 2, expect_device = -1;
+  long wrong_device = 0;
 };
 inline State& st() {
   static State s;
@@ -93,14 +144,26 @@ inline double shfl_down(double v, int off) {
   syncwarp();
   return r;
 }
+// Bookkeeping for one piece of stream-ordered work.
+inline void enqueue(cudaStream_t stream) {
+  State& s = st();
+  ++s.enqueued;
+  if (s.check_stream && stream != s.stream) ++s.wrong_stream;
+  if (s.expect_device >= 0 && s.device != s.expect_device) ++s.wrong_device;
+}
+inline bool is_stream_drained() {
+  return st().enqueued == st().enqueued_at_sync;
+}
 inline void entry() {
   (*st().body)();
   st().cur->done = true;
   swapcontext(&st().cur->ctx, &st().sched);
 }
-inline void launch(dim3 grid, dim3 block, size_t, cudaStream_t, const std::function<void()>& body) {
+inline void launch(dim3 grid, dim3 block, size_t, cudaStream_t stream,
+                   const std::function<void()>& body) {
   State& s = st();
   ++s.launches;
+  enqueue(stream);
   const long nt = long(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || nt == 0 ||
       nt > 1024 || block.z > 64) {
@@ -157,15 +220,76 @@ inline cudaError_t cudaGetLastError() {
   emu::st().last = cudaSuccess;
   return e;
 }
-inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
+inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t s) {
   *p = std::malloc(n);
   if (!*p) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xff, n);  // NaN doubles: a read of an unwritten partial shows
   ++emu::st().mallocs;
+  emu::enqueue(s);
   return cudaSuccess;
 }
-inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   ++emu::st().frees;
+  emu::enqueue(s);
   std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = emu::st().device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= emu::st().device_count) return cudaErrorInvalidDevice;
+  emu::st().device = d;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
+  ++emu::st().memsets;
+  emu::enqueue(s);
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind,
+                                   cudaStream_t s) {
+  emu::State& e = emu::st();
+  switch (kind) {
+    case cudaMemcpyHostToDevice:
+    case cudaMemcpyDeviceToHost:
+    case cudaMemcpyHostToHost:
+    case cudaMemcpyDefault:  // unified addressing: may be either, refused like them
+      if (e.capturing) {
+        ++e.refused;
+        return cudaErrorStreamCaptureUnsupported;
+      }
+      if (kind == cudaMemcpyHostToDevice) ++e.h2d;
+      if (kind == cudaMemcpyDeviceToHost) ++e.d2h;
+      if (kind == cudaMemcpyHostToHost || kind == cudaMemcpyDefault) ++e.h2h;
+      break;
+    case cudaMemcpyDeviceToDevice: ++e.d2d; break;
+    default: return cudaErrorInvalidValue;
+  }
+  emu::enqueue(s);
+  if (n) std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  emu::State& e = emu::st();
+  if (e.capturing) {
+    ++e.refused;
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  if (e.check_stream && s != e.stream) ++e.wrong_stream;
+  ++e.syncs;
+  e.enqueued_at_sync = e.enqueued;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  emu::State& e = emu::st();
+  if (e.capturing) {
+    ++e.refused;
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  ++e.syncs;
+  e.enqueued_at_sync = e.enqueued;
   return cudaSuccess;
 }
