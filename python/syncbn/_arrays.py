@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 _FRAMEWORK: dict = {}  # type -> top-level module name, looked up once per type
 
 
