@@ -142,11 +142,6 @@ static Lay reversed(int nd) {
   for (int d = nd - 1; d >= 0; --d) l.perm.push_back(d);
   return l;
 }
-static Lay every2() {
-  Lay l;
-  l.step = 2;
-  return l;
-}
 static Lay flipped(int d) {
   Lay l;
   l.flip = d;
@@ -884,12 +879,12 @@ static std::vector<Case> main_cases(DType dt) {
   // One channel; non-dense y (every second W) and a transposed dx.
   c = Case{};
   c.name = "c1", c.shape = {6, 1, 7, 5};
-  c.rstride = 3, c.y = every2(), c.dx = reversed(4);
+  c.rstride = 3, c.y = strided(2), c.dx = reversed(4);
   add(c);
   // Non-dense x (every second W), contiguous y/dy, non-dense dx: packing and unpacking.
   c = Case{};
   c.name = "strided_x_dx", c.shape = {4, 5, 3, 8};
-  c.x = every2(), c.dx = every2();
+  c.x = strided(2), c.dx = strided(2);
   c.sstride = 2, c.primitives = true;
   add(c);
   // Negative stride (non-dense) x and dx, channels-last y and dy.
@@ -907,7 +902,7 @@ static std::vector<Case> main_cases(DType dt) {
   // Misaligned views (no vector packs); dy non-dense.
   c = Case{};
   c.name = "misaligned", c.shape = {5, 6, 4, 8};
-  c.x = c.dx = offset1(), c.dy = every2(), c.y = offset1();
+  c.x = c.dx = offset1(), c.dy = strided(2), c.y = offset1();
   add(c);
   // Eval: running stats instead of batch stats, no communication; backward eval.
   c = Case{};
@@ -916,7 +911,7 @@ static std::vector<Case> main_cases(DType dt) {
   add(c);
   c = Case{};
   c.name = "eval_cl_strided", c.shape = {4, 5, 3, 8};
-  c.training = false, c.x = channels_last(4), c.dx = every2(), c.rdt = DType::Float64;
+  c.training = false, c.x = channels_last(4), c.dx = strided(2), c.rdt = DType::Float64;
   c.weight = false;
   add(c);
   // Another current device: the guard must switch to it and back.
