@@ -226,7 +226,7 @@ void test_gather(int64_t C, double N, bool unbiased, bool with_running, bool wit
   Buf<double> mean(C), invstd(C), var(C);
   for (int64_t c = 0; c < C; ++c) mean.data()[c] = invstd.data()[c] = var.data()[c] = -7;
   cuda::RunningStats rs;
-  if (with_running) rs = {rm.data(), rv.data(), dtype_of<R>(), stride, stride};
+  if (with_running) rs = {rm.data(), rv.data(), dtype_of<R>(), dtype_of<R>(), stride, stride};
   const double momentum = 0.1, eps = 1e-5;
   cuda::batch_norm_gather_stats(buf.data(), C, momentum, eps, unbiased, rs, mean.data(), invstd.data(),
                                 with_var ? var.data() : nullptr, nullptr);

@@ -9,10 +9,10 @@ namespace {
 // for the all-reduce: N == 0 (no samples on any rank) writes nothing, as the CPU path;
 // N < 2 is the error the host path raises (no host sync here to raise it): like a failed
 // call, it leaves both running stats as they were.
-template <class R>
+template <class RM, class RV>
 __global__ void gather_stats_kernel(const double* __restrict__ buf, int64_t C, double momentum,
-                                    double eps, bool unbiased, R* running_mean, int64_t rm_stride,
-                                    R* running_var, int64_t rv_stride, double* __restrict__ mean,
+                                    double eps, bool unbiased, RM* running_mean, int64_t rm_stride,
+                                    RV* running_var, int64_t rv_stride, double* __restrict__ mean,
                                     double* __restrict__ invstd, double* __restrict__ var_biased) {
   const double N = buf[2 * C];
   if (!(N > 0)) return;
@@ -23,11 +23,11 @@ __global__ void gather_stats_kernel(const double* __restrict__ buf, int64_t C, d
     invstd[c] = invstd_of(gm.var_biased, eps);
     if (var_biased) var_biased[c] = gm.var_biased;
     if (running_mean && N >= 2) {
-      R* p = running_mean + c * rm_stride;
+      RM* p = running_mean + c * rm_stride;
       store<double>(p, (1 - momentum) * load<double>(p) + momentum * gm.mean);
     }
     if (running_var && N >= 2) {
-      R* p = running_var + c * rv_stride;
+      RV* p = running_var + c * rv_stride;
       store<double>(p,
                     (1 - momentum) * load<double>(p) + momentum * (gm.m2 / (unbiased ? N - 1 : N)));
     }
@@ -41,10 +41,12 @@ void batch_norm_gather_stats(const double* buf, int64_t C, double momentum, doub
                              double* var_biased, cudaStream_t stream) {
   if (C <= 0) return;
   const int64_t blocks = std::min(detail::ceil_div(C, detail::kThreads), int64_t(4096));
-  SYNCBN_DISPATCH_FLOATING(running.dtype, R, {
-    gather_stats_kernel<R><<<unsigned(blocks), detail::kThreads, 0, stream>>>(
-        buf, C, momentum, eps, unbiased, static_cast<R*>(running.mean), running.mean_stride,
-        static_cast<R*>(running.var), running.var_stride, mean, invstd, var_biased);
+  SYNCBN_DISPATCH_FLOATING(running.mean_dtype, RM, {
+    SYNCBN_DISPATCH_FLOATING(running.var_dtype, RV, {
+      gather_stats_kernel<RM, RV><<<unsigned(blocks), detail::kThreads, 0, stream>>>(
+          buf, C, momentum, eps, unbiased, static_cast<RM*>(running.mean), running.mean_stride,
+          static_cast<RV*>(running.var), running.var_stride, mean, invstd, var_biased);
+    });
   });
   detail::check_launch("batch_norm_gather_stats");
 }

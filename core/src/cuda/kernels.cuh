@@ -23,12 +23,13 @@ void batch_norm_stats(const void* x, DType dt, const Geometry& g, double* buf, c
 // from math.h), and running stats update in place when running_mean/var are non-null:
 // new = (1-m)*old + m*batch with batch var = M2/(N-1) if unbiased else M2/N. N = buf[2C]
 // is read on the device: N == 0 writes nothing; N < 2 leaves the running stats as they are (no
-// host sync is possible to raise, see ops). running stats are 1-D views of any floating
-// dtype and stride on the device (use rm_dtype / stride).
+// host sync is possible to raise, see ops). running stats are 1-D views on the device, each
+// of any floating dtype and stride.
 struct RunningStats {
   void* mean = nullptr;
   void* var = nullptr;
-  DType dtype = DType::Float32;
+  DType mean_dtype = DType::Float32;
+  DType var_dtype = DType::Float32;
   int64_t mean_stride = 1;
   int64_t var_stride = 1;
 };

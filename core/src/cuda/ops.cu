@@ -111,19 +111,8 @@ Layout<DeviceMemory> device_layout(const TensorView& x, int axis, Scratch& sc) {
 
 RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
   RunningStats r;
-  if (rm) {
-    r.mean = rm->data;
-    r.dtype = rm->dtype;
-    r.mean_stride = rm->strides[0];
-  }
-  if (rv) {
-    r.var = rv->data;
-    r.var_stride = rv->strides[0];
-    if (rm && rv->dtype != rm->dtype)
-      fail<TypeError>("running_var: expected the dtype of running_mean (", dtype_name(rm->dtype),
-                      ") on a device, got ", dtype_name(rv->dtype));
-    r.dtype = rv->dtype;
-  }
+  if (rm) r.mean = rm->data, r.mean_dtype = rm->dtype, r.mean_stride = rm->strides[0];
+  if (rv) r.var = rv->data, r.var_dtype = rv->dtype, r.var_stride = rv->strides[0];
   return r;
 }
 
@@ -257,8 +246,6 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
                 const TensorView* rm, const TensorView* rv, const ForwardOptions& opt,
                 Communicator& comm, const TensorView& y, const TensorView& save_mean,
                 const TensorView& save_invstd, const TensorView& save_count) {
-  // Raises for running stats of two dtypes (training only): before any work or communication.
-  const RunningStats running = opt.training ? running_stats(rm, rv) : RunningStats{};
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
@@ -269,8 +256,8 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
     double* buf = sc.zeros(2 * C + 1);
     stats_into(x, axis, buf, sc);
     allreduce_device(buf, 2 * C + 1, x.device, comm, sc.stream());
-    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var, running, mean,
-                            invstd, nullptr, sc.stream());
+    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
+                            running_stats(rm, rv), mean, invstd, nullptr, sc.stream());
     write_vec(save_count, buf + 2 * C, sc.stream());
   } else {
     check(cudaMemcpyAsync(mean, sc.f64(rm), size_t(C) * sizeof(double), cudaMemcpyDeviceToDevice,
