@@ -1038,7 +1038,8 @@ static void test_running_dtype_mismatch() {
     unexpected("CPU forward (two running dtypes)", e);
   }
   Vec rm_ref = zeros(C), rv_ref = zeros(C);
-  for (int64_t k = 0; k < C; ++k) rm_ref[size_t(k)] = rm_c->get(k), rv_ref[size_t(k)] = rv_c->get(k);
+  for (int64_t k = 0; k < C; ++k)
+    rm_ref[size_t(k)] = rm_c->get(k), rv_ref[size_t(k)] = rv_c->get(k);
   check_vals("running_mean (float32) vs CPU", *rm, rm_ref, 1e-7);
   check_vals("running_var (float64) vs CPU", *rv, rv_ref, 1e-12);
   check_gaps("running_var", *rv);
