@@ -53,6 +53,10 @@ class Scratch {
     ptrs_.push_back(p);
     return p;
   }
+  // n doubles the caller's kernels will write in full (uninitialized until then).
+  double* doubles(int64_t n) { return static_cast<double*>(bytes(size_t(n) * sizeof(double))); }
+  // n doubles the kernels may leave alone (empty inputs): zeroed first.
+  double* sums(int64_t n, bool empty) { return empty ? zeros(n) : doubles(n); }
   double* zeros(int64_t n) {
     auto* p = static_cast<double*>(bytes(size_t(n) * sizeof(double)));
     check(cudaMemsetAsync(p, 0, size_t(n) * sizeof(double), s_), "cudaMemsetAsync");
@@ -153,7 +157,7 @@ void op_stats(const TensorView& x, int axis, const TensorView& buffer, void* str
   Scratch sc(as_stream(stream));
   const int64_t n = buffer.shape[0];
   double* buf =
-      (buffer.strides[0] == 1 || n <= 1) ? static_cast<double*>(buffer.data) : sc.zeros(n);
+      (buffer.strides[0] == 1 || n <= 1) ? static_cast<double*>(buffer.data) : sc.doubles(n);
   stats_into(x, axis, buf, sc);
   if (buf != buffer.data) write_vec(buffer, buf, sc.stream());
 }
@@ -211,9 +215,10 @@ void op_backward_reduce(const TensorView& dy, const TensorView& x, int axis, con
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
   const int64_t C = x.shape[axis];
-  double* s = sc.zeros(2 * C);
-  double* gw = grad_weight ? sc.zeros(C) : nullptr;
-  double* gb = grad_bias ? sc.zeros(C) : nullptr;
+  const bool empty = x.numel() == 0;  // then the reduction writes nothing
+  double* s = sc.sums(2 * C, empty);
+  double* gw = grad_weight ? sc.sums(C, empty) : nullptr;
+  double* gb = grad_bias ? sc.sums(C, empty) : nullptr;
   reduce_into(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), s, gw, gb, sc);
   write_vec(sums, s, sc.stream());
   if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
@@ -253,7 +258,7 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
   double* mean = sc.f64_out(save_mean);
   double* invstd = sc.f64_out(save_invstd);
   if (opt.training) {
-    double* buf = sc.zeros(2 * C + 1);
+    double* buf = sc.doubles(2 * C + 1);  // stats_into writes all of it
     stats_into(x, axis, buf, sc);
     allreduce_device(buf, 2 * C + 1, x.device, comm, sc.stream());
     batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
@@ -265,7 +270,7 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
           "cudaMemcpyAsync");
     invstd_from_var(sc.f64(rv), C, opt.eps, invstd, sc.stream());
     const int64_t n = C > 0 ? x.numel() / C : 0;
-    double* cnt = sc.zeros(1);
+    double* cnt = sc.doubles(1);
     fill(cnt, 1, double(n), sc.stream());
     write_vec(save_count, cnt, sc.stream());
   }
@@ -291,9 +296,10 @@ void op_backward(const TensorView& dy, const TensorView& x, int axis, const Tens
   const bool sync = dx && opt.training;
   const double* mean = sc.f64(&save_mean);
   const double* invstd = sc.f64(&save_invstd);
-  double* sums = sc.zeros(2 * C);
-  double* gw = grad_weight ? sc.zeros(C) : nullptr;
-  double* gb = grad_bias ? sc.zeros(C) : nullptr;
+  const bool empty = x.numel() == 0;  // then the reduction writes nothing
+  double* sums = sc.sums(2 * C, empty);
+  double* gw = grad_weight ? sc.sums(C, empty) : nullptr;
+  double* gb = grad_bias ? sc.sums(C, empty) : nullptr;
   if (grad_weight || grad_bias || sync) reduce_into(dy, x, axis, mean, invstd, sums, gw, gb, sc);
   if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
   if (grad_bias) write_vec(*grad_bias, gb, sc.stream());
