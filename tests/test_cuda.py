@@ -322,3 +322,13 @@ def test_cupy_functional_on_a_non_default_stream_matches_reference(dtype):
     rm_ref, rv_ref = running_stats_ref(np.zeros(6), np.ones(6), xr, 1)
     np.testing.assert_allclose(rm.get(), rm_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rv.get(), rv_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+def test_torch_nccl_process_group_gives_one_shared_nccl_communicator():
+    if not INFO["nccl"]:
+        pytest.fail("a GPU is here but this build has no NCCL: install the cuda extra")
+    from test_torch_adapter import run_torchrun
+
+    proc = run_torchrun(1, WORKERS / "torch_nccl.py")
+    assert "OK torch_nccl" in proc.stdout, proc.stdout[-3000:]

@@ -75,20 +75,30 @@ def mpi(comm=None) -> Communicator:
 
 class _TorchDistributed:
     """torch.distributed as a communicator: the buffer is shared with a tensor (no copy)
-    and summed with ``all_reduce`` on ``group`` (gloo for host buffers)."""
+    and summed with ``all_reduce`` on ``group``. An NCCL group sums CUDA tensors only, so
+    there the host buffer goes through one on the current device (correct, not fast: for
+    CUDA inputs on an NCCL group syncbn makes an NCCL communicator instead)."""
 
     def __init__(self, group):
+        import torch
         import torch.distributed as dist
 
         self._dist, self.group = dist, group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self._device = (torch.device("cuda", torch.cuda.current_device())
+                        if dist.get_backend(group) == "nccl" else None)
 
     def allreduce(self, buf):
         import torch
 
-        self._dist.all_reduce(torch.from_numpy(buf), op=self._dist.ReduceOp.SUM,
-                              group=self.group)
+        t = torch.from_numpy(buf)
+        if self._device is None:
+            self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
+            return
+        d = t.to(self._device)
+        self._dist.all_reduce(d, op=self._dist.ReduceOp.SUM, group=self.group)
+        t.copy_(d)  # waits for the sum
 
     def __repr__(self):
         return f"<torch.distributed communicator rank={self.rank} size={self.size}>"
@@ -220,7 +230,7 @@ def as_communicator(obj, like=None) -> Communicator:
         return mpi(obj)
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and isinstance(obj, dist.ProcessGroup):
-        return torch_distributed(obj)
+        return _process_group(obj, like)
     missing = [n for n in ("rank", "size", "allreduce") if not hasattr(obj, n)]
     if missing or not callable(obj.allreduce):
         raise TypeError(
@@ -251,7 +261,24 @@ def _launched_by_mpi() -> bool:
     return False
 
 
-_nccl_defaults: dict = {}
+_nccl_by_group: dict = {}  # (id(group) or None, device) -> (group, NCCL communicator)
+
+
+def _process_group(group, like) -> Communicator:
+    """A torch.distributed group as a communicator for arrays like `like`: CUDA arrays on
+    an NCCL group get an NCCL communicator bootstrapped from it (made once per group and
+    device, collectively on first use), anything else the group itself."""
+    import torch.distributed as dist
+
+    from . import _arrays
+
+    if like is not None and _arrays.is_cuda(like) and dist.get_backend(group) == "nccl":
+        dev = like.device.index if hasattr(like.device, "index") else like.device.id
+        key = (None if group is None else id(group), dev)
+        if key not in _nccl_by_group:
+            _nccl_by_group[key] = (group, nccl(group=group, device=dev))
+        return _nccl_by_group[key][1]
+    return torch_distributed(group)
 
 
 def default(like=None) -> Communicator:
@@ -262,17 +289,7 @@ def default(like=None) -> Communicator:
     rank; else :func:`local`. The MPI/local answer is resolved once per process."""
     global _default
     if _torch_distributed_ready():
-        from . import _arrays
-
-        if like is not None and _arrays.is_cuda(like):
-            import torch.distributed as dist
-
-            if dist.get_backend() == "nccl":
-                dev = like.device.index if hasattr(like.device, "index") else like.device.id
-                if dev not in _nccl_defaults:
-                    _nccl_defaults[dev] = nccl(device=dev)
-                return _nccl_defaults[dev]
-        return torch_distributed()
+        return _process_group(None, like)
     if _default is None:
         world = None
         if "mpi4py.MPI" in sys.modules or _launched_by_mpi():

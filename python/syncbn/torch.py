@@ -119,14 +119,9 @@ class SyncBatchNorm(_BatchNorm):
         input, whose device picks NCCL for CUDA tensors on an NCCL process group."""
         if self._resolved.value is None:
             if self.process_group is not None:
-                import torch.distributed as dist
-
-                if (like is not None and like.is_cuda
-                        and dist.get_backend(self.process_group) == "nccl"):
-                    self._resolved.value = _comm.nccl(group=self.process_group,
-                                                      device=like.device.index)
-                else:
-                    self._resolved.value = _comm.torch_distributed(self.process_group)
+                # CUDA inputs on an NCCL group: one NCCL communicator per group and device,
+                # shared by every layer (not one per layer).
+                self._resolved.value = _comm._process_group(self.process_group, like)
             elif self._comm.value is not None:
                 self._resolved.value = _comm.as_communicator(self._comm.value, like)
             else:
