@@ -62,7 +62,9 @@ def train(model, step_data, allreduce):
 
 
 def sum_over_ranks(g):
-    world.Allreduce(MPI.IN_PLACE, g.numpy(), op=MPI.SUM)
+    h = g.cpu()  # MPI sums host memory here; Keras may be running on a GPU
+    world.Allreduce(MPI.IN_PLACE, h.numpy(), op=MPI.SUM)
+    g.copy_(h)
 
 
 # comm defaults to MPI.COMM_WORLD under mpiexec.

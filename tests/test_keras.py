@@ -53,7 +53,7 @@ def test_world_size_one_equals_keras_batchnormalization(axis, shape):
         (yo * g).sum().backward(), (yr * g).sum().backward()
         np.testing.assert_allclose(xo.grad.numpy(), xr.grad.numpy(), rtol=1e-4, atol=1e-4)
         for vo, vr in zip(ours.trainable_weights, ref.trainable_weights, strict=True):
-            np.testing.assert_allclose(vo.value.grad.numpy(), vr.value.grad.numpy(),
+            np.testing.assert_allclose(vo.value.grad.cpu().numpy(), vr.value.grad.cpu().numpy(),
                                        rtol=1e-4, atol=1e-4)
     for wo, wr in zip(ours.weights, ref.weights, strict=True):  # moving stats: biased var
         np.testing.assert_allclose(np_(wo), np_(wr), rtol=1e-5, atol=1e-6, err_msg=wo.name)
@@ -137,7 +137,7 @@ def test_mixed_precision_float16_inputs_give_the_compute_dtype():
     assert y.dtype == torch.float16 and layer.moving_mean.dtype == "float32"
     xd = x.double().numpy()
     ref = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-3)
-    np.testing.assert_allclose(y.detach().double().numpy(), ref, atol=4e-3 * 4)
+    np.testing.assert_allclose(y.detach().double().cpu().numpy(), ref, atol=4e-3 * 4)
 
 
 def test_other_backends_get_a_clear_error():

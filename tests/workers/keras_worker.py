@@ -35,7 +35,7 @@ def main(data_path, out_dir):
         x = torch.tensor(data[f"x{s}"][off:off + n], requires_grad=True)
         y = layer(x, training=True)
         (y * torch.tensor(data[f"g{s}"][off:off + n])).sum().backward()
-        out[f"y{s}"], out[f"dx{s}"] = y.detach().numpy(), x.grad.numpy()
+        out[f"y{s}"], out[f"dx{s}"] = y.detach().cpu().numpy(), x.grad.numpy()
     for w in layer.weights:
         out[f"layer_{w.name}"] = keras.ops.convert_to_numpy(w)
     out["infer"] = keras.ops.convert_to_numpy(layer(data["x0"][:4]))
@@ -50,9 +50,9 @@ def main(data_path, out_dir):
         loss.backward()
         grads = []
         for v in model.trainable_weights:
-            g = v.value.grad.detach().clone().contiguous()
+            g = v.value.grad.detach().cpu().clone().contiguous()  # Keras may run on a GPU
             world.Allreduce(MPI.IN_PLACE, g.numpy(), op=MPI.SUM)
-            grads.append(g)
+            grads.append(g.to(v.value.device))
         opt.apply(grads, model.trainable_weights)
     for i, w in enumerate(model.weights):
         out[f"model_{i}_{w.name}"] = keras.ops.convert_to_numpy(w)
