@@ -15,7 +15,6 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from syncbn.keras import SyncBatchNormalization  # noqa: E402
@@ -44,7 +43,8 @@ def batch(step):
     rng = np.random.default_rng(step)
     x = rng.standard_normal((total, 8, 8, 3)).astype("float32") * 2 + 1
     y = rng.standard_normal((total, 4)).astype("float32")
-    return torch.tensor(x), torch.tensor(y)
+    # On Keras' device (a GPU when there is one).
+    return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 
 
 def train(model, step_data, allreduce):

@@ -7,6 +7,9 @@ import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# The CPU tests (and the mpiexec workers, which inherit this) run Keras on the CPU even on
+# a GPU machine; test_on_cuda_equals_keras_batchnormalization covers the GPU.
+os.environ.setdefault("KERAS_TORCH_DEVICE", "cpu")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -235,3 +238,26 @@ def test_mpi_ranks_equal_keras_batchnormalization_on_the_concatenated_batch(nran
 def test_keras_example_under_mpiexec_2_ranks():
     out = run_mpi(2, WORKERS.parent.parent / "examples" / "keras_mpi.py", timeout=240)
     assert "OK" in out.stdout and "MISMATCH" not in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and syncbn.build_info()["cuda"]),
+                    reason="needs a CUDA device and syncbn's CUDA module")
+def test_on_cuda_equals_keras_batchnormalization():
+    rng = np.random.default_rng(5)
+    with keras.device("cuda:0"):
+        ours = SyncBatchNormalization(axis=1, momentum=0.9, comm=syncbn.comm.local())
+        ref = keras.layers.BatchNormalization(axis=1, momentum=0.9)
+        ours.build((6, 3, 4, 4)), ref.build((6, 3, 4, 4))
+        for _ in range(2):
+            x = torch.tensor(rng.standard_normal((6, 3, 4, 4)) * 2 + 1, dtype=torch.float32,
+                             device="cuda", requires_grad=True)
+            yo, yr = ours(x, training=True), ref(x, training=True)
+            assert yo.is_cuda
+            np.testing.assert_allclose(np_(yo), np_(yr), rtol=1e-5, atol=2e-5)
+            go = torch.autograd.grad(yo.square().sum(), x)[0]
+            gr = torch.autograd.grad(yr.square().sum(), x)[0]
+            np.testing.assert_allclose(go.cpu().numpy(), gr.cpu().numpy(), rtol=1e-4, atol=1e-4)
+        for wo, wr in zip(ours.weights, ref.weights, strict=True):
+            np.testing.assert_allclose(np_(wo), np_(wr), rtol=1e-5, atol=1e-6, err_msg=wo.name)
+        x = torch.randn(5, 3, 4, 4, device="cuda")
+        np.testing.assert_allclose(np_(ours(x)), np_(ref(x)), rtol=1e-5, atol=2e-5)
