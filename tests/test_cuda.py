@@ -148,27 +148,41 @@ def test_nccl_world_size_one_on_the_current_stream():
 
 
 @needs_gpu
-def test_cuda_graph_capture_of_forward_and_backward():
-    bn = sbt.SyncBatchNorm(8, comm=syncbn.comm.local()).cuda()
+@pytest.mark.parametrize("kind", ["local", "nccl"])
+def test_cuda_graph_capture_of_forward_and_backward(kind):
+    if kind == "nccl":
+        if not INFO["nccl"]:
+            pytest.fail("a GPU is here but this build has no NCCL: install the cuda extra")
+        from mpi4py import MPI
+
+        comm = syncbn.comm.nccl(MPI.COMM_SELF)  # its all-reduces are captured too
+    else:
+        comm = syncbn.comm.local()
+    bn = sbt.SyncBatchNorm(8, comm=comm).cuda()
     x = torch.randn(16, 8, 4, 4, device="cuda", requires_grad=True)
+    gw = torch.randn(16, 8, 4, 4, device="cuda")  # so the gradient is far from zero
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm up (allocator pools) outside the capture
         for _ in range(2):
-            bn(x).square().sum().backward()
+            (bn(x) * gw).square().sum().backward()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     x.grad = None
     with torch.cuda.graph(g):
-        loss = bn(x).square().sum()
+        loss = (bn(x) * gw).square().sum()
         loss.backward()
-    g.replay()
-    torch.cuda.synchronize()
-    ref_x = x.detach().clone().requires_grad_()
-    ref = torch.nn.functional.batch_norm(ref_x, None, None, bn.weight.detach(),
-                                         bn.bias.detach(), True)
-    ref.square().sum().backward()
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
+    for scale in (1.0, 3.0):  # replays recompute from whatever x holds now
+        with torch.no_grad():
+            x.mul_(scale).add_(0.5)
+        g.replay()
+        torch.cuda.synchronize()
+        ref_x = x.detach().clone().requires_grad_()
+        ref = torch.nn.functional.batch_norm(ref_x, None, None, bn.weight.detach(),
+                                             bn.bias.detach(), True)
+        (ref * gw).square().sum().backward()
+        torch.testing.assert_close(loss, (ref * gw).square().sum(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
 
 
 @needs_gpu

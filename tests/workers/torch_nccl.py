@@ -42,12 +42,13 @@ def main():
     net = torch.nn.Sequential(sbt.SyncBatchNorm(4, process_group=pg),
                               sbt.SyncBatchNorm(4, process_group=pg)).to(dev).double()
     xg = x.clone().requires_grad_()
-    net(xg).square().sum().backward()
+    gw = torch.randn_like(x)  # a loss whose gradient is far from zero
+    (net(xg) * gw).square().sum().backward()
     comms = [m.communicator(x) for m in net]
     assert comms[0] is comms[1] and comms[0].kind == "nccl", comms
     xr = x.clone().requires_grad_()
-    F.batch_norm(F.batch_norm(xr, None, None, training=True), None, None,
-                 training=True).square().sum().backward()
+    (F.batch_norm(F.batch_norm(xr, None, None, training=True), None, None, training=True)
+     * gw).square().sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-8, atol=1e-8)
     dist.destroy_process_group()
     print("OK torch_nccl", kinds)
