@@ -121,8 +121,11 @@ def test_torch_adapter_on_cuda_equals_batchnorm_and_keeps_channels_last():
         ya, yb = ours(xa), ref(xb)
         assert ya.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(ya, yb)
-        ya.sum().backward(), yb.sum().backward()
+        g = torch.randn_like(x)  # sum(y) would have a zero input gradient
+        (ya * g).sum().backward(), (yb * g).sum().backward()
         torch.testing.assert_close(xa.grad, xb.grad)
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
     for k, t in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], t)
 
@@ -139,12 +142,16 @@ def test_nccl_world_size_one_on_the_current_stream():
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         x = torch.randn(8, 4, 5, device="cuda", requires_grad=True)
+        g = torch.randn(8, 4, 5, device="cuda")
         y = bn(x)
-        y.square().sum().backward()
+        (y * g).sum().backward()
     torch.cuda.synchronize()
-    ref = torch.nn.functional.batch_norm(x.detach(), None, None, bn.weight.detach(),
+    xr = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.batch_norm(xr, None, None, bn.weight.detach(),
                                          bn.bias.detach(), True)
+    (ref * g).sum().backward()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
 
 
 @needs_gpu
