@@ -39,6 +39,8 @@ else
 fi
 
 step build
+# FindMPI looks for the mpich wheel's mpicc, next to this Python.
+export PATH="$("$PY" -c 'import os, sys; print(os.path.join(sys.prefix, "bin"))'):$PATH"
 NCCL_DIR=$("$PY" -c "import nvidia.nccl as m; print(list(m.__path__)[0])" 2>/dev/null)
 echo "NCCL from: ${NCCL_DIR:-none}"
 export LD_LIBRARY_PATH=${NCCL_DIR:+$NCCL_DIR/lib:}${LD_LIBRARY_PATH:-}
