@@ -7,10 +7,19 @@
 
 namespace syncbn::bindings {
 
+// syncbn.CollectiveMismatchError (a RuntimeError), made by the _core module at import.
+inline PyObject*& collective_mismatch_type() {
+  static PyObject* type = nullptr;
+  return type;
+}
+
 inline void register_exception_translators() {
   nanobind::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
+    } catch (const syncbn::CollectiveMismatchError& e) {
+      PyObject* t = collective_mismatch_type();
+      PyErr_SetString(t ? t : PyExc_RuntimeError, e.what());
     } catch (const syncbn::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const syncbn::ValueError& e) {

@@ -73,13 +73,23 @@ const TensorView* ptr(const std::optional<TensorView>& v) {
   return v ? &*v : nullptr;
 }
 
+// The fingerprint fields every collective-issuing call takes (see CollectiveKey).
+#define SYNCBN_KEY_ARGS "layer"_a = 0, "layer_name"_a = "", "verify"_a = true
+syncbn::CollectiveKey make_key(int64_t layer, const std::string& name, bool verify) {
+  return syncbn::CollectiveKey{layer, name.empty() ? nullptr : name.c_str(), verify};
+}
+
 // A communicator implemented in Python: integer `rank`, `size`, and `allreduce(buf)` that
 // sums a 1-D float64 NumPy array in place (or returns the summed array).
 class PythonCommunicator final : public syncbn::Communicator {
  public:
   explicit PythonCommunicator(nb::object obj) : obj_(std::move(obj)) {
-    rank_ = nb::cast<int>(obj_.attr("rank"));
-    size_ = nb::cast<int>(obj_.attr("size"));
+    if (!nb::try_cast(obj_.attr("rank"), rank_) || !nb::try_cast(obj_.attr("size"), size_) ||
+        rank_ < 0 || rank_ >= size_)
+      throw syncbn::ValueError(
+          std::string("comm: expected integer `rank` and `size` with 0 <= rank < size <= "
+                      "2**31 - 1, got rank=") +
+          nb::repr(obj_.attr("rank")).c_str() + ", size=" + nb::repr(obj_.attr("size")).c_str());
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -167,6 +177,13 @@ NB_MODULE(_core, m) {
   nb::set_leak_warnings(false);
 
   syncbn::bindings::register_exception_translators();
+  PyObject* mismatch = PyErr_NewExceptionWithDoc(
+      "syncbn.CollectiveMismatchError",
+      "Ranks reduced different things in one all-reduce (another layer, operation, channel "
+      "axis, channel count or call count). Raised on every rank, before anything is written.",
+      PyExc_RuntimeError, nullptr);
+  syncbn::bindings::collective_mismatch_type() = mismatch;
+  m.attr("CollectiveMismatchError") = nb::borrow(mismatch);
 
   nb::class_<syncbn::Communicator>(m, "Communicator", nb::dynamic_attr())
       .def_prop_ro("rank", &syncbn::Communicator::rank)
@@ -205,13 +222,15 @@ NB_MODULE(_core, m) {
 
   m.def(
       "batch_norm_stats",
-      [](nb::handle x, int axis, nb::handle buffer, uintptr_t stream) {
+      [](nb::handle x, int axis, nb::handle buffer, uintptr_t stream, int64_t layer,
+         const std::string& name, bool verify) {
         Args a;
         TensorView xv = a.view(x, "x", false), bv = a.view(buffer, "buffer", true);
         nb::gil_scoped_release nogil;
-        syncbn::batch_norm_stats(xv, axis, bv, reinterpret_cast<void*>(stream));
+        syncbn::batch_norm_stats(xv, axis, bv, reinterpret_cast<void*>(stream),
+                                 make_key(layer, name, verify));
       },
-      "x"_a.none(), "axis"_a, "buffer"_a.none(), "stream"_a = 0);
+      "x"_a.none(), "axis"_a, "buffer"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   m.def(
       "allreduce",
@@ -227,7 +246,7 @@ NB_MODULE(_core, m) {
       "batch_norm_gather_stats",
       [](nb::handle buffer, double momentum, double eps, nb::handle running_mean,
          nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var,
-         uintptr_t stream) {
+         uintptr_t stream, int64_t layer, const std::string& name, bool verify) {
         Args a;
         TensorView bv = a.view(buffer, "buffer", false);
         auto rm = a.maybe(running_mean, "running_mean", true);
@@ -236,10 +255,11 @@ NB_MODULE(_core, m) {
         auto vv = a.maybe(var, "var", true);
         nb::gil_scoped_release nogil;
         return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv, ptr(vv),
-                                               reinterpret_cast<void*>(stream));
+                                               reinterpret_cast<void*>(stream),
+                                               make_key(layer, name, verify));
       },
       "buffer"_a.none(), "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
-      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0);
+      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   m.def(
       "batch_norm_elemt",
@@ -260,7 +280,8 @@ NB_MODULE(_core, m) {
   m.def(
       "batch_norm_backward_reduce",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle sums,
-         nb::handle grad_weight, nb::handle grad_bias, uintptr_t stream) {
+         nb::handle grad_weight, nb::handle grad_bias, uintptr_t stream, int64_t layer,
+         const std::string& name, bool verify) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -269,15 +290,17 @@ NB_MODULE(_core, m) {
         auto gb = a.maybe(grad_bias, "grad_bias", true);
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb),
-                                           reinterpret_cast<void*>(stream));
+                                           reinterpret_cast<void*>(stream),
+                                           make_key(layer, name, verify));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "sums"_a.none(),
-      "grad_weight"_a.none(), "grad_bias"_a.none(), "stream"_a = 0);
+      "grad_weight"_a.none(), "grad_bias"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   m.def(
       "batch_norm_backward_elemt",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
-         nb::handle weight, nb::handle sums, nb::handle count, nb::handle dx, uintptr_t stream) {
+         nb::handle weight, nb::handle sums, nb::handle count, nb::handle dx, uintptr_t stream,
+         int64_t layer, const std::string& name, bool verify) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -292,17 +315,19 @@ NB_MODULE(_core, m) {
           cv = a.view(count, "count", false);
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, n, dxv, ptr(cv),
-                                          reinterpret_cast<void*>(stream));
+                                          reinterpret_cast<void*>(stream),
+                                          make_key(layer, name, verify));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
-      "sums"_a.none(), "count"_a, "dx"_a.none(), "stream"_a = 0);
+      "sums"_a.none(), "count"_a, "dx"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   m.def(
       "forward",
       [](nb::handle x, nb::handle weight, nb::handle bias, nb::handle running_mean,
          nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
          bool training, double momentum, double eps, int axis, syncbn::Communicator& comm,
-         bool unbiased_running_var, nb::handle save_count, uintptr_t stream) {
+         bool unbiased_running_var, nb::handle save_count, uintptr_t stream, int64_t layer,
+         const std::string& name, bool verify) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
@@ -320,6 +345,9 @@ NB_MODULE(_core, m) {
         opt.eps = eps;
         opt.unbiased_running_var = unbiased_running_var;
         opt.stream = reinterpret_cast<void*>(stream);
+        opt.layer = layer;
+        opt.layer_name = name.empty() ? nullptr : name.c_str();
+        opt.verify = verify;
         nb::gil_scoped_release nogil;
         return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si,
                                ptr(sc));
@@ -327,14 +355,14 @@ NB_MODULE(_core, m) {
       "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
       "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
       "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true,
-      "save_count"_a.none() = nb::none(), "stream"_a = 0);
+      "save_count"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   m.def(
       "backward",
       [](nb::handle dy, nb::handle x, nb::handle save_mean, nb::handle save_invstd,
          nb::handle weight, nb::handle dx, nb::handle grad_weight, nb::handle grad_bias,
          bool training, double count, int axis, syncbn::Communicator& comm, nb::handle count_view,
-         uintptr_t stream) {
+         uintptr_t stream, int64_t layer, const std::string& name, bool verify) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView sm = a.view(save_mean, "save_mean", false);
@@ -350,12 +378,15 @@ NB_MODULE(_core, m) {
         opt.count = count;
         opt.count_view = ptr(cv);
         opt.stream = reinterpret_cast<void*>(stream);
+        opt.layer = layer;
+        opt.layer_name = name.empty() ? nullptr : name.c_str();
+        opt.verify = verify;
         nb::gil_scoped_release nogil;
         syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, comm, ptr(dxv), ptr(gw), ptr(gb));
       },
       "dy"_a.none(), "x"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(), "weight"_a.none(),
       "dx"_a.none(), "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a,
-      "axis"_a, "comm"_a, "count_view"_a.none() = nb::none(), "stream"_a = 0);
+      "axis"_a, "comm"_a, "count_view"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
 
   // The CUDA module hands its operation table over as a capsule (see device_backend.h).
   m.def("register_device_backend", [](nb::capsule backend) {

@@ -340,7 +340,7 @@ def test_module_channel_mismatch_without_affine_names_x_and_num_features():
 
 def test_module_backward_before_forward_is_a_runtime_error():
     bn, _, _ = _module()
-    with pytest.raises(RuntimeError, match=r"^backward: call forward first"):
+    with pytest.raises(RuntimeError, match=r"^backward: expected a successful forward first"):
         bn.backward(np.ones((8, C), np.float32))
 
 

@@ -415,7 +415,8 @@ def test_primitives_chained_by_hand_equal_the_composed_functions(axis, dtype):
     dx, dw, db = syncbn.batch_norm_backward(dy, ctx)
 
     buf = syncbn.batch_norm_stats(x, axis=axis)
-    assert buf.dtype == np.float64 and buf.shape == (2 * C + 1,)
+    assert buf.dtype == np.float64 and buf.shape == (syncbn.stats_buffer_size(C),)
+    assert syncbn.stats_buffer_size(C) == 2 * C + 1 + 16  # payload, count, fingerprint
     syncbn.allreduce(buf, comm=LOCAL)
     mean, invstd, var, count = syncbn.batch_norm_gather_stats(buf, rm2, rv2, momentum=0.2)
     assert count == x.size // C
@@ -423,7 +424,7 @@ def test_primitives_chained_by_hand_equal_the_composed_functions(axis, dtype):
     np.testing.assert_allclose(var, evar, rtol=1e-12)
     y2 = syncbn.batch_norm_elemt(x, mean, invstd, w, b, axis=axis)
     sums, gw, gb = syncbn.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
-    assert sums.shape == (2 * C,)
+    assert sums.shape == (syncbn.stats_buffer_size(C),)  # as long as the forward's
     syncbn.allreduce(sums, comm=LOCAL)
     dx2 = syncbn.batch_norm_backward_elemt(dy, x, mean, invstd, w, sums, count, axis=axis)
 
@@ -461,9 +462,12 @@ def test_one_allreduce_per_forward_and_backward_with_o_of_c_payload(n):
     x = rng(80).standard_normal((n, C, 3))
     y, ctx = syncbn.batch_norm_forward(x, np.ones(C), np.zeros(C), np.zeros(C), np.ones(C),
                                        comm=comm)
-    assert comm.payloads == [2 * C + 1]
+    # O(C) and independent of the world size: 2C sums, the count, the fingerprint; both
+    # directions have the same length, so a forward meeting a backward is caught by the
+    # fingerprint rather than by the transport.
+    assert comm.payloads == [2 * C + 1 + 16]
     syncbn.batch_norm_backward(np.ones_like(y), ctx)
-    assert comm.payloads == [2 * C + 1, 2 * C]
+    assert comm.payloads == [2 * C + 1 + 16] * 2
 
 
 def test_module_one_allreduce_per_training_step():
@@ -472,7 +476,7 @@ def test_module_one_allreduce_per_training_step():
     bn = SyncBatchNorm(C, comm=comm)
     x = rng(81).standard_normal((6, C, 2)).astype(np.float32)
     bn.backward(np.ones_like(bn.forward(x)))
-    assert comm.payloads == [2 * C + 1, 2 * C]
+    assert comm.payloads == [2 * C + 1 + 16] * 2
 
 
 class MirrorComm:

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "collective.h"
 #include "cpu/kernels.h"
 #include "dispatch.h"
 #include "layout.h"
@@ -125,7 +126,7 @@ using HostLayout = Layout<HostMemory>;
 
 // ---- unchecked building blocks -------------------------------------------------------
 
-// Local packed moments [P1 | P2 | n] of x (host buffer of 2C+1 doubles).
+// Local packed moments [P1 | P2 | n] of x (the first 2C+1 doubles of a host buffer).
 void local_stats(const TensorView& x, int axis, double* buf) {
   const int64_t C = x.shape[axis];
   const int64_t n = count_per_channel(x, axis);
@@ -137,7 +138,7 @@ void local_stats(const TensorView& x, int axis, double* buf) {
     const void* xp = lay.input(x);
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
       const T* p = static_cast<const T*>(xp);
-      for (int64_t c = 0; c < C; ++c) shift[size_t(c)] = load<double>(p + c * g.inner);
+      for (int64_t c = 0; c < C; ++c) shift[size_t(c)] = moment_shift(load<double>(p + c * g.inner));
     });
     cpu::batch_norm_stats(xp, x.dtype, g, shift.data(), t1.data(), t2.data());
   }
@@ -209,7 +210,9 @@ void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const 
   cpu::batch_norm_backward_reduce(dyp, xp, x.dtype, lay.geometry(), mean, sum_dy, sum_dy_xmu);
 }
 
-// dx from the global sums; count is the global count per channel.
+// dx from the global sums; count is the global count per channel. Without sums (eval:
+// mean and invstd were constants) dx = dy * invstd * weight, x unread, so a NaN or inf
+// in x stays in its own element's gradient (as in torch).
 void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const double* mean,
                     const double* invstd, const double* weight, const double* sums, double count,
                     const TensorView& dx) {
@@ -225,6 +228,13 @@ void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const d
     gain[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
   }
   HostLayout lay(x, axis);
+  if (!sums) {
+    const void* dyp = lay.input(dy);
+    void* dxp = lay.output(dx);
+    cpu::batch_norm_elemt(dyp, dxp, x.dtype, lay.geometry(), mdy.data(), gain.data(), k.data());
+    lay.finish();
+    return;
+  }
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);
@@ -241,13 +251,17 @@ const double* ptr_or_null(const Vec& v, const TensorView* t) {
 
 // ---- primitives ---------------------------------------------------------------------
 
-void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer, void* stream) {
+void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer, void* stream,
+                      const CollectiveKey& key) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
-  check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true, "2 * channels + 1");
-  if (auto* b = on_device(x.device)) return b->batch_norm_stats(x, axis, buffer, stream);
+  check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true,
+            "stats_buffer_size(channels)");
+  const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, key);
+  if (auto* b = on_device(x.device)) return b->batch_norm_stats(x, axis, buffer, f, stream);
   Vec buf(static_cast<size_t>(stats_buffer_size(C)));
   local_stats(x, axis, buf.data());
+  write_fingerprint(f, buf.data());
   write_vec(buffer, buf.data());
 }
 
@@ -268,13 +282,15 @@ void allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,
-                               const TensorView* var_biased, void* stream) {
-  if (buffer.ndim != 1 || buffer.shape[0] < 1 || buffer.shape[0] % 2 != 1)
-    fail("buffer: expected a 1-D stats buffer of 2 * channels + 1 values, got shape ",
-         buffer.shape_str());
-  const int64_t C = (buffer.shape[0] - 1) / 2;
+                               const TensorView* var_biased, void* stream,
+                               const CollectiveKey& key) {
+  const int64_t extra = stats_buffer_size(0);
+  if (buffer.ndim != 1 || buffer.shape[0] < extra || (buffer.shape[0] - extra) % 2 != 0)
+    fail("buffer: expected a 1-D stats buffer of stats_buffer_size(channels) = 2 * channels + ",
+         extra, " values (from batch_norm_stats), got shape ", buffer.shape_str());
+  const int64_t C = (buffer.shape[0] - extra) / 2;
   const Device dev = buffer.device;
-  check_f64(buffer, "buffer", 2 * C + 1, dev, false, "2 * channels + 1");
+  check_f64(buffer, "buffer", stats_buffer_size(C), dev, false, "stats_buffer_size(channels)");
   check_scalar(momentum, "momentum", true);
   check_scalar(eps, "eps", false);
   check_vec(running_mean, "running_mean", C, dev, true, "the channel count of buffer");
@@ -286,10 +302,15 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
     fail("buffer: expected a CPU array (no CUDA backend is loaded), got ", device_name(dev));
   if (auto* b = on_device(dev)) {
     b->batch_norm_gather_stats(buffer, momentum, eps, true, running_mean, running_var, mean, invstd,
-                               var_biased, stream);
+                               var_biased, key, stream);
     return std::nan("");
   }
   const Vec buf = read_vec(buffer);
+  Expected e;
+  e.op = CollectiveOp::Forward;
+  e.channels = C;
+  e.key = key;
+  check_reduced(buf.data(), e);
   Vec m(static_cast<size_t>(C)), s(static_cast<size_t>(C)), v(static_cast<size_t>(C));
   const double N = gather(buf.data(), C, momentum, eps, true, running_mean, running_var, m.data(),
                           s.data(), v.data());
@@ -321,21 +342,26 @@ void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int axis,
                                 const TensorView& mean, const TensorView& invstd,
                                 const TensorView& sums, const TensorView* grad_weight,
-                                const TensorView* grad_bias, void* stream) {
+                                const TensorView* grad_bias, void* stream,
+                                const CollectiveKey& key) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_like(dy, "dy", x, "x", false);
   check_vec(&mean, "mean", C, x.device, false);
   check_vec(&invstd, "invstd", C, x.device, false);
-  check_f64(sums, "sums", backward_buffer_size(C), x.device, true, "2 * channels");
+  check_f64(sums, "sums", backward_buffer_size(C), x.device, true,
+            "backward_buffer_size(channels)");
   check_vec(grad_weight, "grad_weight", C, x.device, true);
   check_vec(grad_bias, "grad_bias", C, x.device, true);
+  const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, key);
   if (auto* b = on_device(x.device))
     return b->batch_norm_backward_reduce(dy, x, axis, mean, invstd, sums, grad_weight, grad_bias,
-                                         stream);
+                                         f, stream);
   const Vec m = read_vec(mean), s = read_vec(invstd);
-  Vec buf(static_cast<size_t>(2 * C));
+  Vec buf(static_cast<size_t>(backward_buffer_size(C)));
   backward_reduce(dy, x, axis, m.data(), buf.data(), buf.data() + C);
+  buf[size_t(2 * C)] = double(count_per_channel(x, axis));
+  write_fingerprint(f, buf.data());
   if (grad_weight) {
     Vec gw(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) gw[size_t(c)] = buf[size_t(C + c)] * s[size_t(c)];
@@ -348,24 +374,38 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int a
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int axis,
                                const TensorView& mean, const TensorView& invstd,
                                const TensorView* weight, const TensorView& sums, double count,
-                               const TensorView& dx, const TensorView* count_view, void* stream) {
+                               const TensorView& dx, const TensorView* count_view, void* stream,
+                               const CollectiveKey& key) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
   check_like(dy, "dy", x, "x", false);
   check_vec(&mean, "mean", C, x.device, false);
   check_vec(&invstd, "invstd", C, x.device, false);
   check_vec(weight, "weight", C, x.device, false);
-  check_vec(&sums, "sums", backward_buffer_size(C), x.device, false, "2 * channels");
+  check_vec(&sums, "sums", backward_buffer_size(C), x.device, false,
+            "backward_buffer_size(channels)");
   check_like(dx, "dx", x, "x", true);
   if (auto* b = on_device(x.device)) {
     const TensorView& cv = require_count_view(count_view, "count", x.device);
     check_f64(cv, "count", 1, x.device, false, "one value");
-    return b->batch_norm_backward_elemt(dy, x, axis, mean, invstd, weight, sums, cv, dx, stream);
+    return b->batch_norm_backward_elemt(dy, x, axis, mean, invstd, weight, sums, cv, dx, key,
+                                        stream);
   }
-  if (!std::isfinite(count) || count < count_per_channel(x, axis) || (count <= 0 && x.numel() > 0))
-    fail("count: expected the global count per channel (at least this rank's ",
-         count_per_channel(x, axis), "), got ", count);
+  const double n = double(count_per_channel(x, axis));
+  if (!std::isfinite(count) || count != std::floor(count) || count < n ||
+      (count <= 0 && x.numel() > 0))
+    fail("count: expected the global count per channel (a whole number, at least this rank's ",
+         n, "), got ", count);
   const Vec m = read_vec(mean), s = read_vec(invstd), sm = read_vec(sums);
+  Expected e;
+  e.op = CollectiveOp::Backward;
+  e.channels = C;
+  e.key = key;
+  e.local_count = n;
+  check_reduced(sm.data(), e);
+  if (sm[size_t(2 * C)] != count)
+    fail("count: expected the global count the backward sums were reduced over (",
+         sm[size_t(2 * C)], ", from sums), got ", count);
   const Vec w = read_vec_or(weight, C, 1.0);
   backward_elemt(dy, x, axis, m.data(), s.data(), ptr_or_null(w, weight), sm.data(), count, dx);
 }
@@ -397,8 +437,10 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   if (save_count) check_f64(*save_count, "save_count", 1, dev, true, "one value");
   if (auto* b = on_device(dev)) {
     const TensorView& sc = require_count_view(save_count, "save_count", dev);
+    Fingerprint f;
+    if (opt.training) f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key());
     b->forward(x, axis, weight, bias, running_mean, running_var, opt, comm, y, save_mean,
-               save_invstd, sc);
+               save_invstd, sc, opt.training ? &f : nullptr);
     return std::nan("");
   }
 
@@ -407,7 +449,16 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   if (opt.training) {
     Vec buf(static_cast<size_t>(stats_buffer_size(C)));
     local_stats(x, axis, buf.data());
+    const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key());
+    write_fingerprint(f, buf.data());
     comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
+    Expected e;
+    e.op = CollectiveOp::Forward;
+    e.channels = C;
+    e.mine = &f;
+    e.comm = &comm;
+    e.local_count = double(count_per_channel(x, axis));
+    check_reduced(buf.data(), e);
     count = gather(buf.data(), C, opt.momentum, opt.eps, opt.unbiased_running_var, running_mean,
                    running_var, mean.data(), invstd.data(), nullptr);
     if (count == 0) return 0;
@@ -445,8 +496,10 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
       const TensorView& cv = require_count_view(opt.count_view, "count", dev);
       check_f64(cv, "count", 1, dev, false, "one value");
     }
+    Fingerprint f;
+    if (sync) f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key());
     return b->backward(dy, x, axis, save_mean, save_invstd, weight, opt, comm, dx, grad_weight,
-                       grad_bias);
+                       grad_bias, sync ? &f : nullptr);
   }
   if (sync && (!std::isfinite(opt.count) || opt.count < count_per_channel(x, axis)))
     fail("count: expected the global count per channel from forward, got ", opt.count);
@@ -455,18 +508,31 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
   Vec sums(static_cast<size_t>(backward_buffer_size(C)), 0.0);
   if (grad_weight || grad_bias || sync)
     backward_reduce(dy, x, axis, m.data(), sums.data(), sums.data() + C);
+  // This rank's parameter gradients, from the local sums; written after the checks.
+  Vec gw, gb;
   if (grad_weight) {
-    Vec gw(static_cast<size_t>(C));
+    gw.resize(size_t(C));
     for (int64_t c = 0; c < C; ++c) gw[size_t(c)] = sums[size_t(C + c)] * s[size_t(c)];
-    write_vec(*grad_weight, gw.data());
   }
-  if (grad_bias) write_vec(*grad_bias, sums.data());
-  if (!dx) return;
-  const Vec w = read_vec_or(weight, C, 1.0);
-  if (sync) {
-    if (opt.count == 0) return;  // every rank is empty: all skip the collective alike
+  if (grad_bias) gb.assign(sums.begin(), sums.begin() + C);
+  if (dx && sync && opt.count > 0) {  // count 0: every rank is empty, all skip it alike
+    sums[size_t(2 * C)] = double(count_per_channel(x, axis));
+    const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key());
+    write_fingerprint(f, sums.data());
     comm.allreduce_sum(sums.data(), int64_t(sums.size()), Device{}, opt.stream);
+    Expected e;
+    e.op = CollectiveOp::Backward;
+    e.channels = C;
+    e.mine = &f;
+    e.comm = &comm;
+    e.local_count = double(count_per_channel(x, axis));
+    e.count = opt.count;
+    check_reduced(sums.data(), e);
   }
+  if (grad_weight) write_vec(*grad_weight, gw.data());
+  if (grad_bias) write_vec(*grad_bias, gb.data());
+  if (!dx || (sync && opt.count == 0)) return;
+  const Vec w = read_vec_or(weight, C, 1.0);
   backward_elemt(dy, x, axis, m.data(), s.data(), ptr_or_null(w, weight),
                  sync ? sums.data() : nullptr, opt.count, *dx);
 }

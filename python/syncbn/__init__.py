@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _core, comm
 from .functional import (
     BatchNormContext,
+    CollectiveMismatchError,
     allreduce,
     batch_norm_backward,
     batch_norm_backward_elemt,
@@ -17,12 +18,17 @@ from .functional import (
     batch_norm_forward,
     batch_norm_gather_stats,
     batch_norm_stats,
+    fingerprint_enabled,
+    new_layer_id,
+    set_fingerprint,
+    stats_buffer_size,
 )
 
 __version__ = _core.build_info()["version"]
 
 __all__ = [
     "BatchNormContext",
+    "CollectiveMismatchError",
     "allreduce",
     "batch_norm_backward",
     "batch_norm_backward_elemt",
@@ -33,6 +39,10 @@ __all__ = [
     "batch_norm_stats",
     "build_info",
     "comm",
+    "fingerprint_enabled",
+    "new_layer_id",
+    "set_fingerprint",
+    "stats_buffer_size",
 ]
 
 

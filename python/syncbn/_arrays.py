@@ -16,8 +16,22 @@ def _framework(x) -> str:
     return fw
 
 
-def export(x):
-    """The array as the core may import it. Torch tensors go as DLPack capsules from
+_torch = None  # (torch.strided, to_dlpack) once torch is seen
+
+
+def _torch_parts():
+    global _torch
+    if _torch is None:
+        import torch
+        from torch.utils.dlpack import to_dlpack
+
+        _torch = (torch.strided, to_dlpack)
+    return _torch
+
+
+def export(x, name="x"):
+    """The array as the core may import it (``name``: the argument, for errors). Torch
+    tensors go as DLPack capsules from
     torch.utils.dlpack.to_dlpack: it takes tensors under autograd (Tensor.__dlpack__
     refuses them), costs a tenth of __dlpack__, and on CUDA it skips the
     __dlpack__(stream=None) handshake with the legacy default stream - the core runs on
@@ -28,9 +42,16 @@ def export(x):
         return x
     fw = _framework(x)
     if fw == "torch":
-        from torch.utils.dlpack import to_dlpack
-
+        strided, to_dlpack = _torch_parts()
+        if x.layout is not strided or x.is_meta:
+            what = "a meta tensor" if x.is_meta else f"a tensor of layout {x.layout}"
+            raise TypeError(f"{name}: expected a strided tensor with data (CPU or CUDA), got "
+                            f"{what}" + ("" if x.is_meta else "; call .to_dense() first"))
         return to_dlpack(x)
+    if fw == "numpy" and isinstance(x, np.ndarray) and not x.dtype.isnative:
+        raise TypeError(f"{name}: expected an array in native byte order, got {x.dtype.str} "
+                        f"({'big' if x.dtype.byteorder == '>' else 'little'}-endian); convert "
+                        f"it with x.astype(x.dtype.newbyteorder('='))")
     if fw == "cupy":
         # 1 is the legacy default stream; ndarray.toDlpack is deprecated (warns each call).
         s = stream_of(x)

@@ -4,7 +4,7 @@ conventions (axis=1, momentum=0.1, eps=1e-5) over any array namespace `xp`."""
 from __future__ import annotations
 
 from . import comm as _comm
-from .functional import batch_norm_backward, batch_norm_forward
+from .functional import _axis, _float, batch_norm_backward, batch_norm_forward, new_layer_id
 
 
 class ArraySyncBatchNorm:
@@ -19,10 +19,14 @@ class ArraySyncBatchNorm:
     ``momentum=None`` gives a cumulative moving average (1 / num_batches_tracked), as in
     PyTorch. Eval (``training=False``) uses the running statistics and never
     communicates; with ``track_running_stats=False`` it uses the local batch statistics.
+
+    ``backward`` uses the context of the last successful ``forward`` (a failed forward
+    clears it); it reads x as it was given, so do not change x in place in between.
+    ``name``: how errors name this layer (default: ``SyncBatchNorm#<layer id>``).
     """
 
     def __init__(self, num_features, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, dtype="float32"):
+                 track_running_stats=True, comm=None, dtype="float32", name=None):
         import operator
 
         xp = self._xp
@@ -32,12 +36,17 @@ class ArraySyncBatchNorm:
             ok = False
         if not ok:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+        if momentum is not None and not 0.0 <= _float(momentum, "momentum") <= 1.0:
             raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum!r}")
+        eps = _float(eps, "eps")
+        if not 0.0 < eps < float("inf"):
+            raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
         self.num_features = int(num_features)
-        self.axis = int(axis)
-        self.eps = float(eps)
-        self.momentum = momentum
+        self.axis = _axis(axis)
+        self.eps = eps
+        self.momentum = None if momentum is None else float(momentum)
+        self.layer_id = new_layer_id()
+        self.name = str(name) if name is not None else f"{type(self).__name__}#{self.layer_id}"
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self._comm_arg = comm
@@ -65,6 +74,7 @@ class ArraySyncBatchNorm:
         return self._comm
 
     def forward(self, x, training=True):
+        self._ctx = None  # a failed forward leaves no context for backward
         training = bool(training)
         shape = getattr(x, "shape", None)
         if shape is not None and len(shape) >= 2 and -len(shape) <= self.axis < len(shape) \
@@ -87,6 +97,7 @@ class ArraySyncBatchNorm:
             self.running_var if update or not use_batch_stats else None,
             training=use_batch_stats, momentum=momentum, eps=self.eps, axis=self.axis,
             comm=self.communicator(x) if training else _comm.local(),
+            layer=self.layer_id, layer_name=self.name,
         )
         # On a device the count stays there (no host sync): counted like PyTorch.
         if update and (not isinstance(ctx.count, float) or ctx.count > 0):
@@ -98,7 +109,8 @@ class ArraySyncBatchNorm:
 
     def backward(self, dy):
         if self._ctx is None:
-            raise RuntimeError("backward: call forward first")
+            raise RuntimeError("backward: expected a successful forward first (none since "
+                               "this layer was built, or the last one raised)")
         dx, self.grad_weight, self.grad_bias = batch_norm_backward(dy, self._ctx)
         return dx
 

@@ -242,9 +242,9 @@ def as_communicator(obj, like=None) -> Communicator:
         v = getattr(obj, name)
         if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
             raise TypeError(f"comm: expected an integer `{name}`, got {type(v).__name__}")
-    if not 0 <= int(obj.rank) < int(obj.size):
-        raise ValueError(f"comm: expected 0 <= rank < size, got rank={obj.rank}, "
-                         f"size={obj.size}")
+    if not 0 <= int(obj.rank) < int(obj.size) <= 2**31 - 1:
+        raise ValueError(f"comm: expected 0 <= rank < size <= 2**31 - 1, got "
+                         f"rank={obj.rank}, size={obj.size}")
     return _core.PythonCommunicator(obj)
 
 

@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from . import comm as _comm
+from .functional import new_layer_id
 
 __all__ = ["SyncBatchNormalization"]
 
@@ -73,8 +74,8 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         axis = _axes(axis)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
-        if not float(epsilon) > 0.0:
-            raise ValueError(f"epsilon: expected a positive float, got {epsilon!r}")
+        if not 0.0 < float(epsilon) < math.inf:
+            raise ValueError(f"epsilon: expected a finite float > 0, got {epsilon!r}")
         super().__init__(
             axis=axis if isinstance(axis, int) else -1, momentum=momentum, epsilon=epsilon,
             center=center, scale=scale, beta_initializer=beta_initializer,
@@ -86,6 +87,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         self.axis = axis
         self.comm = comm
         self._resolved_comm = None
+        self._layer_id = new_layer_id()  # identity in collective fingerprints
 
     # ---- shapes --------------------------------------------------------------------
 
@@ -175,7 +177,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
             mm, mv = mm.view(-1), mv.view(-1)
         # Keras' momentum weighs the old value: PyTorch's factor is 1 - momentum.
         y, _ = _sync_batch_norm(xin, gamma, beta, mm, mv, batch_stats, 1.0 - self.momentum,
-                                self.epsilon, comm, axis, False)
+                                self.epsilon, comm, axis, False, self._layer_id, self.name)
         if len(axes) > 1:
             inverse = [perm.index(d) for d in range(x.ndim)]
             y = y.reshape([x.shape[d] for d in perm]).permute(inverse)

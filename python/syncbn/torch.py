@@ -19,7 +19,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import comm as _comm
-from .functional import BatchNormContext, batch_norm_backward, batch_norm_forward
+from .functional import BatchNormContext, batch_norm_backward, batch_norm_forward, new_layer_id
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -50,9 +50,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 comm, axis, unbiased, info):
         y, c = batch_norm_forward(x, weight, bias, running_mean, running_var,
                                   training=training, momentum=momentum, eps=eps, axis=axis,
-                                  comm=comm, unbiased_running_var=unbiased)
+                                  comm=comm, unbiased_running_var=unbiased,
+                                  layer=info["layer"], layer_name=info["name"])
         ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (c.mean, c.invstd, c.count, c.training, c.comm, c.axis)
+        # BatchNormContext's fields after x, weight, bias (those are saved tensors).
+        ctx.stats = (c.mean, c.invstd, c.count, c.axis, c.training, c.comm, c.layer,
+                     c.layer_name)
         info["count"] = c.count
         return y
 
@@ -60,8 +63,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        mean, invstd, count, training, comm, axis = ctx.stats
-        c = BatchNormContext(x, weight, bias, mean, invstd, count, axis, training, comm)
+        c = BatchNormContext(x, weight, bias, *ctx.stats)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = batch_norm_backward(dy, c, need_dx=need_dx)
         return (dx, dw if need_dw else None, db if need_db else None) + (None,) * 9
@@ -69,10 +71,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 @torch.compiler.disable
 def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                     comm, axis=1, unbiased=True):
+                     comm, axis=1, unbiased=True, layer=0, layer_name=""):
     """Returns (y, global count). A graph break under torch.compile: the collective and
-    the C++ kernels run eagerly. Also the Keras adapter's entry (any axis, biased var)."""
-    info = {}
+    the C++ kernels run eagerly. Also the Keras adapter's entry (any axis, biased var).
+    ``layer``, ``layer_name``: the layer's identity in collective fingerprints."""
+    info = {"layer": layer, "name": layer_name}
     y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
                                      momentum, eps, comm, axis, unbiased, info)
     return y, info["count"]
@@ -105,6 +108,11 @@ class SyncBatchNorm(_BatchNorm):
         self._resolved = _Shared(None)
         self._converted_from = None  # the torch.nn class convert_sync_batchnorm replaced
         self._last_input_dim = None
+        # Identity in collective fingerprints: the order layers are built in, the same on
+        # every rank that builds the same model; the name (the module's path when
+        # convert_sync_batchnorm made it) is for error messages.
+        self.layer_id = new_layer_id()
+        self.layer_name = f"SyncBatchNorm#{self.layer_id}"
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -141,7 +149,8 @@ class SyncBatchNorm(_BatchNorm):
         y, count = _sync_batch_norm(input, self.weight, self.bias,
                                     self.running_mean if use_running else None,
                                     self.running_var if use_running else None,
-                                    bn_training, factor, self.eps, comm)
+                                    bn_training, factor, self.eps, comm, 1, True,
+                                    self.layer_id, self.layer_name)
         # Only after a successful call that saw data (all ranks agree on the global count):
         # a failed or all-empty step leaves every buffer as it was. On a device the count
         # stays there (no host sync): counted like PyTorch, empty steps included.
@@ -172,10 +181,11 @@ def _copy_state(src, dst):
     return dst
 
 
-def convert_sync_batchnorm(module, comm=None, process_group=None):
+def convert_sync_batchnorm(module, comm=None, process_group=None, _path=""):
     """Replaces every ``torch.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm``) in
     ``module`` with :class:`SyncBatchNorm`, keeping parameters, buffers, training flag,
-    device and dtype. Subclasses of those are left alone, with a warning naming them."""
+    device and dtype. Subclasses of those are left alone, with a warning naming them.
+    Each new layer is named by its path in ``module`` in collective errors."""
     out = module
     if type(module) in _CONVERTIBLE:
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
@@ -183,12 +193,14 @@ def convert_sync_batchnorm(module, comm=None, process_group=None):
         _copy_state(module, out)
         out._converted_from = (type(module) if type(module) is not torch.nn.SyncBatchNorm
                                else None)
+        out.layer_name = _path or type(module).__name__
     elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         warnings.warn(f"convert_sync_batchnorm: left {type(module).__qualname__} unconverted: "
                       "it subclasses a torch batch norm class, and only the exact classes "
                       "are converted (its overrides would be lost)", stacklevel=2)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, comm, process_group))
+        out.add_module(name, convert_sync_batchnorm(child, comm, process_group,
+                                                    f"{_path}.{name}" if _path else name))
     return out
 
 

@@ -19,6 +19,12 @@ struct ValueError : std::invalid_argument {
 struct CommError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// Ranks reduced different things in one all-reduce (another layer, operation, channel
+// axis, channel count or call count): every rank throws it, judged from the reduced
+// fingerprint alone, before any output or running statistic is written.
+struct CollectiveMismatchError : CommError {
+  using CommError::CommError;
+};
 
 namespace detail {
 template <class... Args>

@@ -125,6 +125,13 @@ SYNCBN_HD void store(bfloat16_t* p, A v) {
 //    running mean would do better but silently breaks if ranks' buffers ever diverge.
 // The count travels as a double: exact to 2^53, never a 16-bit type.
 
+// The per-channel shift from the channel's first element: a non-finite one would turn
+// every x - shift into NaN (inf - inf), so it becomes 0 and a channel of +inf keeps a
+// mean of +inf, as in torch. (v - v == 0 holds exactly for finite v.)
+SYNCBN_HD double moment_shift(double first) {
+  return first - first == 0 ? first : 0.0;
+}
+
 // Packs one channel's local moments into the all-reduce buffer slots.
 SYNCBN_HD void pack_local_moments(double n, double shift, double t1, double t2, double* p1,
                                   double* p2) {

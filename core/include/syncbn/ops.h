@@ -13,52 +13,79 @@
 
 namespace syncbn {
 
-// Stats buffer layout: [P1 (C) | P2 (C) | count]; see math.h for why these sums.
+// Every all-reduce buffer is [payload (2C) | count (1) | fingerprint (kFingerprintSlots)]:
+//   forward:  [P1 (C) | P2 (C) | n | fingerprint]   (see math.h for why these sums)
+//   backward: [sum(dy) (C) | sum(dy * (x - mean)) (C) | n | fingerprint]
+// Both directions have the same length for the same C, so a forward meeting a backward is
+// caught by the fingerprint instead of a transport error. The fingerprint says what this
+// rank believes it reduces (operation, C, channel axis, layer, that layer's call count);
+// the check runs on the reduced values alone, so every rank reaches the same verdict
+// (collective.h). Payload O(C), independent of the world size.
+constexpr int64_t kFingerprintSlots = 16;
 inline int64_t stats_buffer_size(int64_t channels) {
-  return 2 * channels + 1;
+  return 2 * channels + 1 + kFingerprintSlots;
 }
-// Backward buffer layout: [sum(dy) (C) | sum(dy * (x - mean)) (C)].
 inline int64_t backward_buffer_size(int64_t channels) {
-  return 2 * channels;
+  return 2 * channels + 1 + kFingerprintSlots;
 }
+
+// What a rank says about the collectives of one layer.
+struct CollectiveKey {
+  // The layer's identity, the same on every rank that builds the same model (e.g. its
+  // index among the SyncBN layers built by this process); 0 for functional calls. The
+  // core counts each layer's synchronized calls per direction itself.
+  int64_t layer = 0;
+  const char* layer_name = nullptr;  // for error messages (e.g. the module's path)
+  // Check the fingerprint (on by default). Must be the same on every rank: a rank that
+  // does not check sends an empty fingerprint, which the checking ranks reject.
+  bool verify = true;
+};
 
 // 1. Local partial statistics of x along `axis`, packed ready to all-reduce.
 void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer,
-                      void* stream = nullptr);
+                      void* stream = nullptr, const CollectiveKey& key = {});
 
-// 2. In-place sum of a float64 buffer across the communicator.
+// 2. In-place sum of a float64 buffer across the communicator (no checks: gather_stats and
+//    backward_elemt validate what comes back).
 void allreduce(const TensorView& buffer, Communicator& comm, void* stream = nullptr);
 
 // 3. Global mean / invstd (and biased variance) from a reduced stats buffer; updates the
 //    running stats in place (PyTorch convention: new = (1-m)*old + m*batch, running_var
 //    unbiased with the global count). Returns the global count per channel. Throws
-//    ValueError when the count is 1; a count of 0 writes nothing. On a device the count
+//    ValueError when the count is 1; a count of 0 writes nothing. Validates the reduced
+//    buffer first (CommError: count not a whole number >= 0, sums not finite although
+//    every rank's were; CollectiveMismatchError: the ranks' fingerprints differ, or it is
+//    not a forward statistics buffer) and writes nothing then. On a device the count
 //    stays in buffer[2C] (no host sync): returns NaN, a count of 1 is not raised (the
 //    running stats are left untouched) and a count of 0 writes nothing.
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,
-                               const TensorView* var_biased = nullptr, void* stream = nullptr);
+                               const TensorView* var_biased = nullptr, void* stream = nullptr,
+                               const CollectiveKey& key = {});
 
 // 4. y = (x - mean) * invstd * weight + bias.
 void batch_norm_elemt(const TensorView& x, int axis, const TensorView& mean,
                       const TensorView& invstd, const TensorView* weight, const TensorView* bias,
                       const TensorView& y, void* stream = nullptr);
 
-// 5. Local sum(dy) and sum(dy * (x - mean)) packed into `sums` (2C float64), and this
+// 5. Local sum(dy) and sum(dy * (x - mean)) packed into `sums` (backward_buffer_size(C)
+//    float64, with this rank's count and fingerprint), and this
 //    rank's grad_weight = sum(dy * (x - mean)) * invstd, grad_bias = sum(dy) if given.
 void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int axis,
                                 const TensorView& mean, const TensorView& invstd,
                                 const TensorView& sums, const TensorView* grad_weight,
-                                const TensorView* grad_bias, void* stream = nullptr);
+                                const TensorView* grad_bias, void* stream = nullptr,
+                                const CollectiveKey& key = {});
 
 // 6. dx from the globally reduced `sums` and the global `count` (on a device: a float64
-//    (1,) view `count_view` on it, e.g. buffer[2C:] of the stats buffer).
+//    (1,) view `count_view` on it, e.g. buffer[2C:2C+1] of the stats buffer). Validates
+//    `sums` as gather_stats does its buffer (and that its count equals `count`).
 void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int axis,
                                const TensorView& mean, const TensorView& invstd,
                                const TensorView* weight, const TensorView& sums, double count,
                                const TensorView& dx, const TensorView* count_view = nullptr,
-                               void* stream = nullptr);
+                               void* stream = nullptr, const CollectiveKey& key = {});
 
 struct ForwardOptions {
   int axis = 1;
@@ -68,11 +95,17 @@ struct ForwardOptions {
   // PyTorch updates running_var with M2/(N-1), Keras its moving_variance with M2/N.
   bool unbiased_running_var = true;
   void* stream = nullptr;  // CUDA stream for device tensors
+  // The collective's fingerprint fields (see CollectiveKey).
+  int64_t layer = 0;
+  const char* layer_name = nullptr;
+  bool verify = true;
+  CollectiveKey key() const { return {layer, layer_name, verify}; }
 };
 
-// Whole forward: stats -> one all-reduce -> gather (+running stats) -> elemt in training;
-// running stats -> elemt in eval (no communication). Writes y and the float64 save_mean /
-// save_invstd (length C) the backward needs. Returns the global count (0: y is empty and
+// Whole forward: stats -> one all-reduce -> checks -> gather (+running stats) -> elemt in
+// training; running stats -> elemt in eval (no communication). Writes y and the float64
+// save_mean / save_invstd (length C) the backward needs. The checks (fingerprint, then
+// the reduced count and sums) throw before anything is written. Returns the global count (0: y is empty and
 // nothing else was written). On a device nothing is read back to the host: the count is
 // written to `save_count` (float64 (1,) on x's device, required there) and NaN returned.
 double forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
@@ -87,9 +120,14 @@ struct BackwardOptions {
   double count = 0;      // global count returned by forward (training only)
   const TensorView* count_view = nullptr;  // on a device: forward's save_count instead
   void* stream = nullptr;
+  int64_t layer = 0;  // as in ForwardOptions
+  const char* layer_name = nullptr;
+  bool verify = true;
+  CollectiveKey key() const { return {layer, layer_name, verify}; }
 };
 
-// Whole backward: local reduce -> (one all-reduce if dx is wanted in training) -> elemt.
+// Whole backward: local reduce -> (one all-reduce if dx is wanted in training) -> checks
+// -> elemt; nothing is written before the checks pass.
 // Any of dx, grad_weight, grad_bias may be null. grad_weight/grad_bias are this rank's
 // local gradients.
 void backward(const TensorView& dy, const TensorView& x, const TensorView& save_mean,

@@ -5,14 +5,15 @@
 namespace syncbn::cuda {
 namespace {
 
-// t1 += x - shift, t2 += (x - shift)^2 with shift = the channel's first element, which
-// keeps t2 - t1^2/n from cancelling for large channel means (see math.h).
+// t1 += x - shift, t2 += (x - shift)^2 with shift = the channel's first element (0 if not
+// finite, see moment_shift), which keeps t2 - t1^2/n from cancelling for large channel
+// means (see math.h).
 template <class T>
 struct StatsAcc {
   static constexpr bool kTwoInputs = false;
   const T* x;
   int64_t inner;
-  __device__ double param(int64_t c) const { return load<double>(x + c * inner); }
+  __device__ double param(int64_t c) const { return moment_shift(load<double>(x + c * inner)); }
   __device__ void operator()(double v, double, double shift, double& t1, double& t2) const {
     const double d = v - shift;
     t1 += d;
@@ -30,7 +31,7 @@ struct StatsEpi {
   double n;
   double* buf;
   __device__ void operator()(int64_t c, double t1, double t2) const {
-    const double shift = n > 0 ? load<double>(x + c * inner) : 0.0;
+    const double shift = n > 0 ? moment_shift(load<double>(x + c * inner)) : 0.0;
     pack_local_moments(n, shift, t1, t2, &buf[c], &buf[C + c]);
   }
   __device__ void once() const { buf[2 * C] = n; }

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../collective.h"
 #include "syncbn/tensor.h"
 
 namespace syncbn::cuda {
@@ -33,9 +34,14 @@ struct RunningStats {
   int64_t mean_stride = 1;
   int64_t var_stride = 1;
 };
+// `check`: the reduced buffer is judged on the device first (fp::reduced_ok); when it
+// fails, mean/invstd/var_biased get NaN, *poison_count (nullable) NaN, and the running
+// stats are left alone; a channel whose sums are not finite although no rank's were
+// (fp::reduced_channel_ok) gets NaN alone.
 void batch_norm_gather_stats(const double* buf, int64_t C, double momentum, double eps,
                              bool unbiased, RunningStats running, double* mean, double* invstd,
-                             double* var_biased /*nullable*/, cudaStream_t stream);
+                             double* var_biased /*nullable*/, const fp::DeviceCheck& check,
+                             double* poison_count /*nullable*/, cudaStream_t stream);
 
 // y = (x - mean) * invstd * w + b, w/b device float64 arrays (null: 1 / 0).
 void batch_norm_elemt(const void* x, void* y, DType dt, const Geometry& g, const double* mean,
@@ -50,12 +56,19 @@ void batch_norm_backward_reduce(const void* dy, const void* x, DType dt, const G
                                 double* grad_weight, double* grad_bias, cudaStream_t stream);
 
 // dx = (dy - sum_dy/N - (x - mean) * invstd^2 * sum_dy_xmu/N) * invstd * w, with
-// sums = the globally reduced [sum_dy | sum_dy_xmu] (null: eval, the two terms are 0, so
-// dx = dy * invstd * w and x is not read) and N read on the device from *count (null when
-// sums is null).
+// sums = the globally reduced backward buffer [sum_dy | sum_dy_xmu | n | fingerprint]
+// (null: eval, the two terms are 0, so dx = dy * invstd * w and x is not read) and N read
+// on the device from *count (null when sums is null). `check` judges sums on the device
+// (fp::reduced_ok, and its count must equal *count): when it fails, dx is NaN.
 void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt, const Geometry& g,
                                const double* mean, const double* invstd, const double* weight,
-                               const double* sums, const double* count, cudaStream_t stream);
+                               const double* sums, const double* count,
+                               const fp::DeviceCheck& check, cudaStream_t stream);
+
+// Writes fingerprint f behind a device buffer's payload (buf[2C + 1 ...]), its non-finite
+// flag from buf[0 .. 2C); count >= 0 is written to buf[2C] first (backward buffers).
+void write_fingerprint(double* buf, int64_t C, double count, const Fingerprint& f,
+                       cudaStream_t stream);
 
 // Element-wise copy between two device views of the same shape and dtype, any strides
 // (up to kMaxDims dims). Used to pack non-dense inputs and unpack outputs.

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "../collective.h"
 #include "../layout.h"
 #include "kernels.cuh"
 #include "syncbn/device_backend.h"
@@ -120,23 +121,61 @@ RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
   return r;
 }
 
-// The all-reduce of a device buffer: on the stream when the communicator takes device
-// buffers (NCCL, local), else staged through host memory.
-void allreduce_device(double* buf, int64_t n, Device dev, Communicator& comm, cudaStream_t s) {
+// The all-reduce of a device buffer [payload | count | fingerprint]: on the stream when
+// the communicator takes device buffers (NCCL, local), else staged through host memory.
+// Where the host holds the reduced values anyway (staged, or a CUDA-aware MPI that needed
+// a sync) it checks them against `e` (check_reduced: throws before anything is written);
+// on the stream, the kernels that consume the buffer check it (fp::DeviceCheck).
+void allreduce_device(double* buf, int64_t n, Device dev, Communicator& comm, cudaStream_t s,
+                      const Expected* e) {
+  std::vector<double> host;
   if (comm.accepts(dev)) {
+    const bool ordered = comm.stream_ordered();
     // A CUDA-aware MPI reads the buffer outside the stream: let the stream finish first.
-    if (!comm.stream_ordered()) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    if (!ordered) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     comm.allreduce_sum(buf, n, dev, s);
+    if (ordered || !e) return;
+    host.resize(size_t(n));
+    check(cudaMemcpyAsync(host.data(), buf, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, s),
+          "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    check_reduced(host.data(), *e);
     return;
   }
-  std::vector<double> host(static_cast<size_t>(n));
+  host.resize(size_t(n));
   check(cudaMemcpyAsync(host.data(), buf, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync");
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   comm.allreduce_sum(host.data(), n, Device{DeviceType::CPU, 0}, nullptr);
+  if (e) check_reduced(host.data(), *e);
   check(cudaMemcpyAsync(buf, host.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice, s),
         "cudaMemcpyAsync");
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize");  // `host` goes out of scope
+}
+
+int64_t count_per_channel(const TensorView& x, int axis) {
+  const int64_t C = x.shape[axis];
+  return C > 0 ? x.numel() / C : 0;
+}
+
+Expected expected(CollectiveOp op, const TensorView& x, int axis, const Fingerprint& f,
+                  const Communicator& comm) {
+  Expected e;
+  e.op = op;
+  e.channels = x.shape[axis];
+  e.mine = &f;
+  e.comm = &comm;
+  e.local_count = double(count_per_channel(x, axis));
+  return e;
+}
+
+fp::DeviceCheck device_check(CollectiveOp op, double ranks, double local_count, bool verify) {
+  fp::DeviceCheck k;
+  k.op = int(op);
+  k.ranks = ranks;
+  k.local_count = local_count;
+  k.verify = verify;
+  return k;
 }
 
 void stats_into(const TensorView& x, int axis, double* buf, Scratch& sc) {
@@ -152,34 +191,38 @@ void stats_into(const TensorView& x, int axis, double* buf, Scratch& sc) {
 
 // ---- the table's entries ----------------------------------------------------------------
 
-void op_stats(const TensorView& x, int axis, const TensorView& buffer, void* stream) {
+void op_stats(const TensorView& x, int axis, const TensorView& buffer, const Fingerprint& f,
+              void* stream) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
   const int64_t n = buffer.shape[0];
   double* buf =
       (buffer.strides[0] == 1 || n <= 1) ? static_cast<double*>(buffer.data) : sc.doubles(n);
   stats_into(x, axis, buf, sc);
+  write_fingerprint(buf, x.shape[axis], -1, f, sc.stream());
   if (buf != buffer.data) write_vec(buffer, buf, sc.stream());
 }
 
 void op_allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
   DeviceGuard guard(buffer.device);
   allreduce_device(static_cast<double*>(buffer.data), buffer.shape[0], buffer.device, comm,
-                   as_stream(stream));
+                   as_stream(stream), nullptr);
 }
 
 void op_gather(const TensorView& buffer, double momentum, double eps, bool unbiased,
                const TensorView* rm, const TensorView* rv, const TensorView& mean,
-               const TensorView& invstd, const TensorView* var, void* stream) {
+               const TensorView& invstd, const TensorView* var, const CollectiveKey& key,
+               void* stream) {
   DeviceGuard guard(buffer.device);
   Scratch sc(as_stream(stream));
-  const int64_t C = (buffer.shape[0] - 1) / 2;
+  const int64_t C = (buffer.shape[0] - stats_buffer_size(0)) / 2;
   const double* buf = sc.f64(&buffer);
   // A reduced count of 0 writes nothing (ops.h), so neither may the copy back.
   double* m = sc.f64_out(mean);
   double* s = sc.f64_out(invstd);
   double* v = var ? sc.f64_out(*var) : nullptr;
   batch_norm_gather_stats(buf, C, momentum, eps, unbiased, running_stats(rm, rv), m, s, v,
+                          device_check(CollectiveOp::Forward, 0, -1, key.verify), nullptr,
                           sc.stream());
   if (m != mean.data) write_vec(mean, m, sc.stream());
   if (s != invstd.data) write_vec(invstd, s, sc.stream());
@@ -211,15 +254,17 @@ void reduce_into(const TensorView& dy, const TensorView& x, int axis, const doub
 
 void op_backward_reduce(const TensorView& dy, const TensorView& x, int axis, const TensorView& mean,
                         const TensorView& invstd, const TensorView& sums,
-                        const TensorView* grad_weight, const TensorView* grad_bias, void* stream) {
+                        const TensorView* grad_weight, const TensorView* grad_bias,
+                        const Fingerprint& f, void* stream) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
   const int64_t C = x.shape[axis];
   const bool empty = x.numel() == 0;  // then the reduction writes nothing
-  double* s = sc.sums(2 * C, empty);
+  double* s = sc.sums(backward_buffer_size(C), empty);
   double* gw = grad_weight ? sc.sums(C, empty) : nullptr;
   double* gb = grad_bias ? sc.sums(C, empty) : nullptr;
   reduce_into(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), s, gw, gb, sc);
+  write_fingerprint(s, C, double(count_per_channel(x, axis)), f, sc.stream());
   write_vec(sums, s, sc.stream());
   if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
   if (grad_bias) write_vec(*grad_bias, gb, sc.stream());
@@ -227,30 +272,35 @@ void op_backward_reduce(const TensorView& dy, const TensorView& x, int axis, con
 
 void elemt_backward(const TensorView& dy, const TensorView& x, int axis, const double* mean,
                     const double* invstd, const double* weight, const double* sums,
-                    const double* count, const TensorView& dx, Scratch& sc) {
+                    const double* count, const fp::DeviceCheck& k, const TensorView& dx,
+                    Scratch& sc) {
   if (x.numel() == 0) return;
   auto lay = device_layout(x, axis, sc);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);
   batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, invstd, weight, sums,
-                            count, sc.stream());
+                            count, k, sc.stream());
   lay.finish();
 }
 
 void op_backward_elemt(const TensorView& dy, const TensorView& x, int axis, const TensorView& mean,
                        const TensorView& invstd, const TensorView* weight, const TensorView& sums,
-                       const TensorView& count, const TensorView& dx, void* stream) {
+                       const TensorView& count, const TensorView& dx, const CollectiveKey& key,
+                       void* stream) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
+  const auto k = device_check(CollectiveOp::Backward, 0, double(count_per_channel(x, axis)),
+                              key.verify);
   elemt_backward(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), sc.f64(weight), sc.f64(&sums),
-                 sc.f64(&count), dx, sc);
+                 sc.f64(&count), k, dx, sc);
 }
 
 void op_forward(const TensorView& x, int axis, const TensorView* weight, const TensorView* bias,
                 const TensorView* rm, const TensorView* rv, const ForwardOptions& opt,
                 Communicator& comm, const TensorView& y, const TensorView& save_mean,
-                const TensorView& save_invstd, const TensorView& save_count) {
+                const TensorView& save_invstd, const TensorView& save_count,
+                const Fingerprint* f) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
@@ -258,11 +308,18 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
   double* mean = sc.f64_out(save_mean);
   double* invstd = sc.f64_out(save_invstd);
   if (opt.training) {
-    double* buf = sc.doubles(2 * C + 1);  // stats_into writes all of it
+    const int64_t len = stats_buffer_size(C);
+    double* buf = sc.doubles(len);  // stats_into and write_fingerprint write all of it
     stats_into(x, axis, buf, sc);
-    allreduce_device(buf, 2 * C + 1, x.device, comm, sc.stream());
+    write_fingerprint(buf, C, -1, *f, sc.stream());
+    const Expected e = expected(CollectiveOp::Forward, x, axis, *f, comm);
+    allreduce_device(buf, len, x.device, comm, sc.stream(), &e);
+    // A failed device check poisons the count (buf[2C]) too, so the backward gives NaN.
     batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
-                            running_stats(rm, rv), mean, invstd, nullptr, sc.stream());
+                            running_stats(rm, rv), mean, invstd, nullptr,
+                            device_check(CollectiveOp::Forward, comm.size(), e.local_count,
+                                         f->verify),
+                            buf + 2 * C, sc.stream());
     write_vec(save_count, buf + 2 * C, sc.stream());
   } else {
     check(cudaMemcpyAsync(mean, sc.f64(rm), size_t(C) * sizeof(double), cudaMemcpyDeviceToDevice,
@@ -289,7 +346,8 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
 void op_backward(const TensorView& dy, const TensorView& x, int axis, const TensorView& save_mean,
                  const TensorView& save_invstd, const TensorView* weight,
                  const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
-                 const TensorView* grad_weight, const TensorView* grad_bias) {
+                 const TensorView* grad_weight, const TensorView* grad_bias,
+                 const Fingerprint* f) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
@@ -297,18 +355,28 @@ void op_backward(const TensorView& dy, const TensorView& x, int axis, const Tens
   const double* mean = sc.f64(&save_mean);
   const double* invstd = sc.f64(&save_invstd);
   const bool empty = x.numel() == 0;  // then the reduction writes nothing
-  double* sums = sc.sums(2 * C, empty);
+  const int64_t len = backward_buffer_size(C);
+  double* sums = sc.sums(len, empty);
   double* gw = grad_weight ? sc.sums(C, empty) : nullptr;
   double* gb = grad_bias ? sc.sums(C, empty) : nullptr;
   if (grad_weight || grad_bias || sync) reduce_into(dy, x, axis, mean, invstd, sums, gw, gb, sc);
+  // Unlike the host path, every rank all-reduces even when the global count is 0: the
+  // count lives on the device, and all ranks must agree without reading it.
+  const double n = double(count_per_channel(x, axis));
+  if (sync) {
+    write_fingerprint(sums, C, n, *f, sc.stream());
+    const Expected e = expected(CollectiveOp::Backward, x, axis, *f, comm);
+    allreduce_device(sums, len, x.device, comm, sc.stream(), &e);
+  }
+  // This rank's gradients (from the local sums, in their own scratch) are written only
+  // now: a staged check that throws leaves them alone too.
   if (grad_weight) write_vec(*grad_weight, gw, sc.stream());
   if (grad_bias) write_vec(*grad_bias, gb, sc.stream());
   if (!dx) return;
-  // Unlike the host path, every rank all-reduces even when the global count is 0: the
-  // count lives on the device, and all ranks must agree without reading it.
-  if (sync) allreduce_device(sums, 2 * C, x.device, comm, sc.stream());
   elemt_backward(dy, x, axis, mean, invstd, sc.f64(weight), sync ? sums : nullptr,
-                 sync ? sc.f64(opt.count_view) : nullptr, *dx, sc);
+                 sync ? sc.f64(opt.count_view) : nullptr,
+                 device_check(CollectiveOp::Backward, comm.size(), n, f ? f->verify : true), *dx,
+                 sc);
 }
 
 }  // namespace

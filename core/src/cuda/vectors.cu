@@ -1,5 +1,6 @@
 // Per-channel vectors between the caller's arrays (any floating dtype and stride) and the
-// float64 arrays the kernels take, plus eval's invstd; one thread per element.
+// float64 arrays the kernels take, plus eval's invstd (one thread per element), and the
+// fingerprint behind a device all-reduce buffer.
 #include "../dispatch.h"
 #include "kernels.cuh"
 #include "reduce.cuh"
@@ -28,6 +29,32 @@ __global__ void invstd_kernel(const double* __restrict__ var, int64_t n, double 
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     invstd[i] = invstd_of(var[i], eps);
+}
+
+struct Slots {
+  double v[kFingerprintSlots];
+};
+
+// One block: the non-finite flag of buf[0 .. 2C) by a shared-memory OR, then the slots.
+__global__ void fingerprint_kernel(double* buf, int64_t C, double count, Slots slots) {
+  __shared__ int bad[detail::kThreads];
+  int b = 0;
+  for (int64_t i = threadIdx.x; i < 2 * C; i += blockDim.x) {
+    const double v = buf[i];
+    b |= !(v - v == 0);
+  }
+  bad[threadIdx.x] = b;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w /= 2) {
+    if (int(threadIdx.x) < w) bad[threadIdx.x] |= bad[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    if (count >= 0) buf[2 * C] = count;
+    double* s = buf + 2 * C + 1;
+    for (int j = 0; j < kFingerprintSlots; ++j) s[j] = slots.v[j];
+    s[fp::kNonFinite] = bad[0] ? 1.0 : 0.0;
+  }
 }
 
 unsigned blocks_for(int64_t n) {
@@ -61,6 +88,14 @@ void invstd_from_var(const double* var, int64_t n, double eps, double* invstd,
   if (n <= 0) return;
   invstd_kernel<<<blocks_for(n), detail::kThreads, 0, stream>>>(var, n, eps, invstd);
   detail::check_launch("invstd_from_var");
+}
+
+void write_fingerprint(double* buf, int64_t C, double count, const Fingerprint& f,
+                       cudaStream_t stream) {
+  Slots slots;
+  for (int j = 0; j < kFingerprintSlots; ++j) slots.v[j] = f.slots[j];
+  fingerprint_kernel<<<1, detail::kThreads, 0, stream>>>(buf, C, count, slots);
+  detail::check_launch("write_fingerprint");
 }
 
 }  // namespace syncbn::cuda

@@ -1,0 +1,149 @@
+#include "collective.h"
+
+#include <cmath>
+#include <mutex>
+#include <unordered_map>
+
+#include "syncbn/errors.h"
+
+namespace syncbn {
+namespace {
+
+uint64_t mix(uint64_t z) {  // splitmix64's finalizer
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+const char* op_name(CollectiveOp op) {
+  return op == CollectiveOp::Forward ? "forward statistics" : "backward sums";
+}
+
+bool whole(double v) {
+  return std::isfinite(v) && v == std::floor(v);
+}
+
+std::string layer_str(const CollectiveKey& key) {
+  if (key.layer == 0) return "functional call (layer 0)";
+  std::string s = "layer ";
+  if (key.layer_name && *key.layer_name) s += detail::cat("'", key.layer_name, "' (#", key.layer, ")");
+  else s += std::to_string(key.layer);
+  return s;
+}
+
+}  // namespace
+
+Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
+                             const CollectiveKey& key) {
+  static std::mutex mu;
+  static std::unordered_map<int64_t, int64_t> calls[2];
+  Fingerprint f;
+  f.op = op;
+  f.channels = channels;
+  f.axis = axis;
+  f.layer = key.layer;
+  f.layer_name = key.layer_name;
+  f.verify = key.verify;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    f.call = ++calls[op == CollectiveOp::Forward ? 0 : 1][key.layer];
+  }
+  uint64_t h = mix(uint64_t(op));
+  for (uint64_t v : {uint64_t(channels), uint64_t(axis), uint64_t(key.layer), uint64_t(f.call)})
+    h = mix(h ^ v);
+  f.slots[fp::kRanks] = 1;
+  for (int j = 0; j < fp::kChunks; ++j) {
+    const double v = j == 0 ? double(int(op)) : double((h >> (8 * (j - 1))) & 0xffu);
+    f.slots[fp::kSum + j] = v;
+    f.slots[fp::kSumSq + j] = v * v;
+  }
+  return f;
+}
+
+void write_fingerprint(const Fingerprint& f, double* buf) {
+  const int64_t C = f.channels;
+  double* s = buf + 2 * C + 1;
+  bool finite = true;
+  for (int64_t i = 0; i < 2 * C; ++i) finite = finite && std::isfinite(buf[i]);
+  for (int64_t i = 0; i < kFingerprintSlots; ++i) s[i] = f.slots[i];
+  s[fp::kNonFinite] = finite ? 0 : 1;
+}
+
+std::string describe(const Communicator& comm) {
+  return detail::cat("<", comm.kind(), " rank ", comm.rank(), " of ", comm.size(), ">");
+}
+
+namespace {
+
+// A reduction that no sum of ranks' buffers can give: the communicator's fault
+// (RuntimeError) in the composed ops, the caller's (ValueError) for a buffer handed to a
+// primitive.
+template <class... Args>
+[[noreturn]] void bad_reduction(const Expected& e, const Args&... args) {
+  if (e.comm) fail<CommError>(args...);
+  fail<ValueError>(args...);
+}
+
+}  // namespace
+
+void check_reduced(const double* buf, const Expected& e) {
+  const int64_t C = e.channels;
+  const double* s = buf + 2 * C + 1;
+  const std::string who = e.comm ? "comm " + describe(*e.comm) : std::string("buffer");
+  const double ranks = e.comm ? double(e.comm->size()) : 0.0;
+  const CollectiveKey key =
+      e.mine ? CollectiveKey{e.mine->layer, e.mine->layer_name, e.mine->verify} : e.key;
+  int v = fp::verdict(s, ranks, int(e.op));
+  if (v == 1) {
+    if (e.comm)
+      fail<CommError>(who, ": the all-reduce summed ", s[fp::kRanks],
+                      " ranks' contributions, expected ", ranks,
+                      " (the communicator's size): it must sum the buffer in place across all of "
+                      "its ranks");
+    fail(who, ": expected an all-reduced buffer from batch_norm_",
+         e.op == CollectiveOp::Forward ? "stats" : "backward_reduce",
+         " (its rank slot holds a whole number of ranks >= 1), got ", s[fp::kRanks]);
+  }
+  if (v != 0 && key.verify) {
+    if (v == 3 && !e.mine)
+      fail(who, ": expected ", op_name(e.op), " (from batch_norm_",
+           e.op == CollectiveOp::Forward ? "stats" : "backward_reduce",
+           ") all-reduced, got a buffer of ", e.op == CollectiveOp::Forward ? op_name(CollectiveOp::Backward) : op_name(CollectiveOp::Forward));
+    std::string mine;
+    if (e.mine)
+      mine = detail::cat("this rank reduced the ", op_name(e.mine->op), " of ", layer_str(key),
+                         ", its synchronized call ", e.mine->call, ", with C=", e.mine->channels,
+                         " channels on axis ", e.mine->axis);
+    else
+      mine = detail::cat("this rank reduced the ", op_name(e.op), " of ", layer_str(key),
+                         " with C=", C, " channels");
+    fail<CollectiveMismatchError>(
+        "syncbn: ranks disagree on a collective (", e.comm ? describe(*e.comm) : "all-reduce",
+        "): ", mine,
+        "; at least one other rank reduced something else at this point (another layer, "
+        "operation, channel axis, channel count or call count). Every rank must run the same "
+        "SyncBN layers in the same order, all in training or all in eval mode, with the same "
+        "channel axis. Nothing was written.");
+  }
+  const double N = buf[2 * C];
+  if (!whole(N) || N < 0 || N > 9007199254740992.0 || (e.local_count >= 0 && N < e.local_count))
+    bad_reduction(e, who, ": the all-reduced count is ", N, ", expected a whole number >= ",
+                    e.local_count >= 0 ? e.local_count : 0.0,
+                    e.local_count >= 0 ? " (this rank's count)" : "",
+                    ": the communicator must sum the buffer in place across its ranks");
+  if (e.count >= 0 && N != e.count)
+    fail<CommError>(who, ": the backward all-reduce counted ", N,
+                    " values per channel, but the forward counted ", e.count);
+  const double nf = s[fp::kNonFinite];
+  if (!whole(nf) || nf < 0 || nf > s[fp::kRanks])
+    bad_reduction(e, who, ": the all-reduced non-finite flag is ", nf, ", expected a whole number in [0, ",
+                    s[fp::kRanks], "]");
+  if (nf == 0)
+    for (int64_t i = 0; i < 2 * C; ++i)
+      if (!std::isfinite(buf[i]))
+        bad_reduction(e, who, ": the all-reduce returned a non-finite sum (", buf[i],
+                        " at index ", i, ") although every rank's values were finite");
+}
+
+}  // namespace syncbn
