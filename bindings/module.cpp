@@ -209,14 +209,15 @@ NB_MODULE(_core, m) {
   nb::class_<syncbn::MpiCommunicator, syncbn::Communicator>(m, "MpiCommunicator")
       .def(
           "__init__",
-          [](syncbn::MpiCommunicator* self, uint64_t handle) {
+          [](syncbn::MpiCommunicator* self, uint64_t handle, double timeout) {
             // MPI_Comm is an int in MPICH and a pointer in Open MPI: copy its bytes.
             MPI_Comm c;
             static_assert(sizeof(MPI_Comm) <= sizeof(handle), "MPI_Comm wider than 64 bits");
             std::memcpy(&c, &handle, sizeof(MPI_Comm));
-            new (self) syncbn::MpiCommunicator(c);
+            new (self) syncbn::MpiCommunicator(c, timeout);
           },
-          "handle"_a);
+          "handle"_a, "timeout"_a = 0.0)
+      .def_prop_ro("timeout", &syncbn::MpiCommunicator::timeout);
   m.def("mpi_library_version", &syncbn::mpi_library_version);
 #endif
 

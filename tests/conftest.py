@@ -47,6 +47,24 @@ def run_mpi(nranks: int, script, *args, timeout: int = 120, env=None, check=True
     return proc
 
 
+def run_torchrun(nranks: int, script, *args, timeout: int = 300, env=None, check=True,
+                 extra=()):
+    """Runs `torchrun --standalone --nproc_per_node N script args...` (gloo workers on the
+    CPU) and returns the completed process; the subprocess timeout bounds a real hang."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nranks}", *extra, str(script),
+           *map(str, args)]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if env:
+        e.update(env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e,
+                          cwd=WORKERS)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun -n {nranks} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    return proc
+
+
 @pytest.fixture
 def mpi():
     return run_mpi

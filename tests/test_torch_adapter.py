@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 import warnings
 
@@ -16,23 +14,10 @@ import torch.nn.functional as F
 import syncbn
 import syncbn.torch as sbt
 
-from conftest import WORKERS, run_mpi
+from conftest import WORKERS, run_mpi, run_torchrun
 
 sys.path.insert(0, str(WORKERS))
 from torch_nets import LR, STEPS, VARIANTS, batch, make_net  # noqa: E402
-
-
-def run_torchrun(nranks, script, *args, timeout=300):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nranks}", str(script),
-           *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=WORKERS)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun -n {nranks} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
-    return proc
 
 
 def reference_training(v):

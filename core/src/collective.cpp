@@ -26,18 +26,26 @@ bool whole(double v) {
 
 std::string layer_str(const CollectiveKey& key) {
   if (key.layer == 0) return "functional call (layer 0)";
-  std::string s = "layer ";
-  if (key.layer_name && *key.layer_name) s += detail::cat("'", key.layer_name, "' (#", key.layer, ")");
-  else s += std::to_string(key.layer);
-  return s;
+  if (key.layer_name && *key.layer_name)
+    return detail::cat("layer '", key.layer_name, "' (#", key.layer, ")");
+  return detail::cat("layer #", key.layer);
+}
+
+std::mutex g_calls_mu;
+std::unordered_map<int64_t, int64_t> g_calls[2];  // [direction][layer] -> synchronized calls
+
+// A call whose collective the ranks disagreed on is not counted: every rank takes its own
+// back, so ranks that agree again afterwards (the error was caught) are in step again.
+void uncount(const Fingerprint& f) {
+  std::lock_guard<std::mutex> lock(g_calls_mu);
+  int64_t& n = g_calls[f.op == CollectiveOp::Forward ? 0 : 1][f.layer];
+  if (n == f.call) --n;
 }
 
 }  // namespace
 
 Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
                              const CollectiveKey& key) {
-  static std::mutex mu;
-  static std::unordered_map<int64_t, int64_t> calls[2];
   Fingerprint f;
   f.op = op;
   f.channels = channels;
@@ -46,8 +54,8 @@ Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
   f.layer_name = key.layer_name;
   f.verify = key.verify;
   {
-    std::lock_guard<std::mutex> lock(mu);
-    f.call = ++calls[op == CollectiveOp::Forward ? 0 : 1][key.layer];
+    std::lock_guard<std::mutex> lock(g_calls_mu);
+    f.call = ++g_calls[op == CollectiveOp::Forward ? 0 : 1][key.layer];
   }
   uint64_t h = mix(uint64_t(op));
   for (uint64_t v : {uint64_t(channels), uint64_t(axis), uint64_t(key.layer), uint64_t(f.call)})
@@ -72,6 +80,23 @@ void write_fingerprint(const Fingerprint& f, double* buf) {
 
 std::string describe(const Communicator& comm) {
   return detail::cat("<", comm.kind(), " rank ", comm.rank(), " of ", comm.size(), ">");
+}
+
+std::string describe(const Fingerprint& f) {
+  return detail::cat("the ", op_name(f.op), " of ",
+                     layer_str(CollectiveKey{f.layer, f.layer_name, f.verify}),
+                     ", its synchronized call ", f.call);
+}
+
+void allreduce_naming(Communicator& comm, double* buf, int64_t n, Device device, void* stream,
+                      const Fingerprint& f) {
+  try {
+    comm.allreduce_sum(buf, n, device, stream);
+  } catch (const CollectiveMismatchError&) {
+    throw;
+  } catch (const CommError& e) {
+    fail<CommError>("syncbn: the all-reduce of ", describe(f), " failed: ", e.what());
+  }
 }
 
 namespace {
@@ -112,12 +137,12 @@ void check_reduced(const double* buf, const Expected& e) {
            ") all-reduced, got a buffer of ", e.op == CollectiveOp::Forward ? op_name(CollectiveOp::Backward) : op_name(CollectiveOp::Forward));
     std::string mine;
     if (e.mine)
-      mine = detail::cat("this rank reduced the ", op_name(e.mine->op), " of ", layer_str(key),
-                         ", its synchronized call ", e.mine->call, ", with C=", e.mine->channels,
+      mine = detail::cat("this rank reduced ", describe(*e.mine), ", with C=", e.mine->channels,
                          " channels on axis ", e.mine->axis);
     else
       mine = detail::cat("this rank reduced the ", op_name(e.op), " of ", layer_str(key),
                          " with C=", C, " channels");
+    if (e.mine) uncount(*e.mine);
     fail<CollectiveMismatchError>(
         "syncbn: ranks disagree on a collective (", e.comm ? describe(*e.comm) : "all-reduce",
         "): ", mine,

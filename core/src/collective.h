@@ -112,4 +112,12 @@ void check_reduced(const double* buf, const Expected& e);
 // "<mpi rank 0 of 2>", for messages.
 std::string describe(const Communicator& comm);
 
+// "the forward statistics of layer 'net.bn1' (#3), its synchronized call 17", for messages.
+std::string describe(const Fingerprint& f);
+
+// comm.allreduce_sum, with a communicator's own failure (CommError: a timeout, an MPI
+// error) rethrown naming the layer and call it happened in.
+void allreduce_naming(Communicator& comm, double* buf, int64_t n, Device device, void* stream,
+                      const Fingerprint& f);
+
 }  // namespace syncbn

@@ -451,7 +451,7 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     local_stats(x, axis, buf.data());
     const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key());
     write_fingerprint(f, buf.data());
-    comm.allreduce_sum(buf.data(), int64_t(buf.size()), Device{}, opt.stream);
+    allreduce_naming(comm, buf.data(), int64_t(buf.size()), Device{}, opt.stream, f);
     Expected e;
     e.op = CollectiveOp::Forward;
     e.channels = C;
@@ -519,7 +519,7 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
     sums[size_t(2 * C)] = double(count_per_channel(x, axis));
     const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key());
     write_fingerprint(f, sums.data());
-    comm.allreduce_sum(sums.data(), int64_t(sums.size()), Device{}, opt.stream);
+    allreduce_naming(comm, sums.data(), int64_t(sums.size()), Device{}, opt.stream, f);
     Expected e;
     e.op = CollectiveOp::Backward;
     e.channels = C;

@@ -22,7 +22,7 @@ class ArraySyncBatchNorm:
 
     ``backward`` uses the context of the last successful ``forward`` (a failed forward
     clears it); it reads x as it was given, so do not change x in place in between.
-    ``name``: how errors name this layer (default: ``SyncBatchNorm#<layer id>``).
+    ``name``: how errors name this layer (default: by its layer id).
     """
 
     def __init__(self, num_features, axis=1, eps=1e-5, momentum=0.1, affine=True,
@@ -46,7 +46,7 @@ class ArraySyncBatchNorm:
         self.eps = eps
         self.momentum = None if momentum is None else float(momentum)
         self.layer_id = new_layer_id()
-        self.name = str(name) if name is not None else f"{type(self).__name__}#{self.layer_id}"
+        self.name = "" if name is None else str(name)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self._comm_arg = comm

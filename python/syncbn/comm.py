@@ -50,11 +50,33 @@ def _check_same_mpi(MPI) -> None:
         )
 
 
-def mpi(comm=None) -> Communicator:
+def _timeout(timeout) -> float:
+    if timeout is None:
+        env = os.environ.get("SYNCBN_COLLECTIVE_TIMEOUT", "").strip()
+        if not env:
+            return 0.0
+        try:
+            timeout = float(env)
+        except ValueError:
+            raise ValueError(f"SYNCBN_COLLECTIVE_TIMEOUT: expected seconds (a number >= 0), "
+                             f"got {env!r}") from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+            not 0 <= timeout <= 1e9:
+        raise ValueError(f"timeout: expected seconds >= 0 (0: wait forever) or None, got "
+                         f"{timeout!r}")
+    return float(timeout)
+
+
+def mpi(comm=None, *, timeout=None) -> Communicator:
     """The MPI communicator of an mpi4py ``comm`` (default ``MPI.COMM_WORLD``).
 
     The all-reduce runs in the compiled core with the GIL released. ``comm`` is kept
     alive (not duplicated) for as long as the returned communicator is.
+
+    ``timeout`` (seconds; default ``SYNCBN_COLLECTIVE_TIMEOUT`` from the environment, else
+    none): an all-reduce still waiting for another rank after that long raises
+    ``RuntimeError`` naming the layer, instead of waiting forever for a rank that exited
+    or skipped collectives; under ``python -m mpi4py`` that ends the whole job.
     """
     from mpi4py import MPI
 
@@ -67,8 +89,9 @@ def mpi(comm=None) -> Communicator:
         raise ValueError("comm: expected a valid MPI communicator, got MPI.COMM_NULL")
     if not isinstance(comm, MPI.Intracomm) or comm.Is_inter():
         raise TypeError("comm: expected an intra-communicator, got an inter-communicator")
+    timeout = _timeout(timeout)
     _check_same_mpi(MPI)
-    c = _core.MpiCommunicator(MPI._handleof(comm))
+    c = _core.MpiCommunicator(MPI._handleof(comm), timeout)
     c.mpi4py_comm = comm  # keeps the handle valid
     return c
 
@@ -198,7 +221,7 @@ def split(comm, color, key=None):
         from mpi4py import MPI
 
         sub = mpi4py_comm.Split(MPI.UNDEFINED if color is None else color, key)
-        return None if sub == MPI.COMM_NULL else mpi(sub)
+        return None if sub == MPI.COMM_NULL else mpi(sub, timeout=comm.timeout)
     if comm.kind == "nccl":
         from . import _device
 

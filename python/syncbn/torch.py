@@ -112,7 +112,7 @@ class SyncBatchNorm(_BatchNorm):
         # every rank that builds the same model; the name (the module's path when
         # convert_sync_batchnorm made it) is for error messages.
         self.layer_id = new_layer_id()
-        self.layer_name = f"SyncBatchNorm#{self.layer_id}"
+        self.layer_name = ""
 
     def _check_input_dim(self, input):
         if input.dim() < 2:

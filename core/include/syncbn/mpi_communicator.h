@@ -11,7 +11,10 @@ namespace syncbn {
 
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm);
+  // timeout > 0: an all-reduce that has not completed after `timeout` seconds (a rank
+  // exited, hangs, or runs fewer collectives) throws CommError instead of waiting forever;
+  // it then runs as MPI_Iallreduce polled with MPI_Test. <= 0: a plain MPI_Allreduce.
+  explicit MpiCommunicator(MPI_Comm comm, double timeout = 0);
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   void allreduce_sum(double* data, int64_t count, Device device, void* stream) override;
@@ -23,9 +26,11 @@ class MpiCommunicator final : public Communicator {
   }
   bool cuda_aware() const { return cuda_aware_; }
   MPI_Comm comm() const { return comm_; }
+  double timeout() const { return timeout_; }
 
  private:
   MPI_Comm comm_;
+  double timeout_ = 0;
   bool cuda_aware_ = false;
   int rank_ = 0;
   int size_ = 1;
