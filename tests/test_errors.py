@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import syncbn
+import syncbn.torch as sbt
 from syncbn.numpy import SyncBatchNorm
 
 C = 3
@@ -460,3 +461,120 @@ def test_torch_tensor_with_requires_grad_works():
     dx, dw, db = syncbn.batch_norm_backward(torch.ones_like(y), ctx)
     assert isinstance(dx, torch.Tensor) and dx.shape == xt.shape
     assert dw.shape == db.shape == (C,)
+
+
+# ---- clear messages instead of library internals -------------------------------------
+
+
+def test_torch_meta_and_sparse_tensors_are_named():
+    s = State()
+    meta = torch.empty(8, C, 4, device="meta")
+    with pytest.raises(TypeError, match="^x: expected a strided tensor with data .* got a "
+                                        "meta tensor"):
+        syncbn.batch_norm_forward(meta, comm=s.comm)
+    sparse = torch.from_numpy(s.x).to_sparse()
+    with pytest.raises(TypeError, match="^x: expected a strided tensor .* layout "
+                                        "torch.sparse_coo; call .to_dense"):
+        syncbn.batch_norm_forward(sparse, comm=s.comm)
+    with pytest.raises(TypeError, match="^weight: expected a strided tensor"):
+        syncbn.batch_norm_forward(torch.from_numpy(s.x), torch.ones(C).to_sparse(),
+                                  comm=s.comm)
+    assert s.comm.calls == 0
+
+
+def test_big_endian_numpy_array_is_named():
+    s = State()
+    forward_fails(TypeError, r"^x: expected an array in native byte order, got >f8 "
+                             r"\(big-endian\)", x=s.x.astype(">f8"))
+    forward_fails(TypeError, r"^running_var: expected an array in native byte order",
+                  running_var=s.running_var.astype(">f8"))
+
+
+@pytest.mark.parametrize("axis", [2**40, -(2**40), 2**31])
+def test_axis_beyond_any_array_is_a_value_error(axis):
+    forward_fails(ValueError, rf"^axis: expected an integer in \[-3, 3\) for x of 3 "
+                              rf"dimensions, got {axis}$", axis=axis)
+    with pytest.raises(ValueError, match="^axis: expected an integer"):
+        syncbn.batch_norm_stats(State().x, axis=axis)
+
+
+def test_communicator_whose_size_does_not_fit_an_int_is_named():
+    class Huge:
+        rank, size = 0, 2**40
+
+        def allreduce(self, buf):
+            pass
+
+    with pytest.raises(ValueError, match=r"^comm: expected 0 <= rank < size <= 2\*\*31 - 1, "
+                                         r"got rank=0, size=1099511627776"):
+        syncbn.comm.as_communicator(Huge())
+    forward_fails(ValueError, "^comm: expected 0 <= rank < size", comm=Huge())
+
+
+@pytest.mark.parametrize("momentum", [np.array([0.1, 0.2]), np.array([[0.1]]),
+                                      torch.tensor([0.1, 0.2])])
+def test_momentum_array_is_a_type_error(momentum):
+    forward_fails(TypeError, r"^momentum: expected a float, got \w+ of shape", momentum=momentum)
+
+
+def test_momentum_zero_d_array_is_a_float():
+    s = State()
+    syncbn.batch_norm_forward(**s.kwargs(momentum=np.float32(0.5)))
+    syncbn.batch_norm_forward(**s.kwargs(momentum=np.array(0.5)))
+    assert s.comm.calls == 2
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(momentum="abc"), TypeError, "^momentum: expected a float, got str"),
+    (dict(axis="a"), TypeError, "^axis: expected an int, got str"),
+    (dict(eps="x"), TypeError, "^eps: expected a float, got str"),
+    (dict(eps=0.0), ValueError, r"^eps: expected a finite float > 0, got 0.0"),
+    (dict(eps=float("inf")), ValueError, r"^eps: expected a finite float > 0, got inf"),
+])
+def test_numpy_module_constructor_names_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        SyncBatchNorm(C, **kw)
+
+
+def test_numpy_module_failed_forward_clears_the_context_for_backward():
+    bn, _, _ = _module()
+    x = np.random.default_rng(2).standard_normal((4, C, 2)).astype(np.float32)
+    y = bn.forward(x)
+    bn.backward(np.ones_like(y))  # a successful pair
+    with pytest.raises(ValueError):
+        bn.forward(np.ones((4, C + 1, 2), np.float32))  # wrong channel count
+    with pytest.raises(RuntimeError, match="^backward: expected a successful forward first"):
+        bn.backward(np.ones_like(y))
+
+
+# ---- NaN / inf parity with torch.nn.BatchNorm ------------------------------------------
+
+
+def test_eval_input_gradient_of_finite_elements_stays_finite_beside_inf_and_nan():
+    x = torch.randn(6, C, 4, dtype=torch.float64)
+    x[0, 1, 0], x[2, 2, 3] = float("inf"), float("nan")
+    ref = torch.nn.BatchNorm1d(C).double().eval()
+    ours = sbt.SyncBatchNorm(C).double().eval()
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5)
+        ours.load_state_dict(ref.state_dict())
+    dy = torch.randn_like(x)
+    g_ref = torch.autograd.grad(ref(x.requires_grad_()), x, dy)[0]
+    g_ours = torch.autograd.grad(ours(x), x, dy)[0]
+    torch.testing.assert_close(g_ours, g_ref)  # dx = dy * invstd * w: x not read
+    assert torch.isfinite(g_ours).all()
+
+
+def test_a_channel_of_plus_inf_gives_running_mean_inf_like_torch():
+    x = torch.randn(6, C, 4, dtype=torch.float64)
+    x[:, 1] = float("inf")
+    ref = torch.nn.BatchNorm1d(C).double()
+    ours = sbt.SyncBatchNorm(C).double()
+    y_ref, y_ours = ref(x), ours(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, equal_nan=True)
+    assert ours.running_mean[1] == float("inf")
+    torch.testing.assert_close(ours.running_var, ref.running_var, equal_nan=True)
+    torch.testing.assert_close(y_ours, y_ref, equal_nan=True)

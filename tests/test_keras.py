@@ -156,6 +156,8 @@ def test_other_backends_get_a_clear_error():
     (dict(axis=[1, 1]), ValueError, "^axis: expected distinct axes"),
     (dict(momentum=1.5), ValueError, "^momentum: expected"),
     (dict(epsilon=0.0), ValueError, "^epsilon: expected"),
+    (dict(epsilon=float("inf")), ValueError, "^epsilon: expected a finite float > 0, got inf"),
+    (dict(epsilon=float("nan")), ValueError, "^epsilon: expected a finite float > 0"),
 ])
 def test_bad_arguments_are_named(kwargs, exc, match):
     with pytest.raises(exc, match=match):
