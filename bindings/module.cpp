@@ -244,6 +244,17 @@ NB_MODULE(_core, m) {
       "buffer"_a.none(), "comm"_a, "stream"_a = 0);
 
   m.def(
+      "allreduce_checked",
+      [](nb::handle buffer, bool backward, int axis, syncbn::Communicator& comm, int64_t layer,
+         const std::string& name, bool verify) {
+        Args a;
+        TensorView bv = a.view(buffer, "buffer", true);
+        nb::gil_scoped_release nogil;
+        return syncbn::allreduce_checked(bv, backward, axis, comm, make_key(layer, name, verify));
+      },
+      "buffer"_a.none(), "backward"_a, "axis"_a, "comm"_a, SYNCBN_KEY_ARGS);
+
+  m.def(
       "batch_norm_gather_stats",
       [](nb::handle buffer, double momentum, double eps, nb::handle running_mean,
          nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var,

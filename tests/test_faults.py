@@ -87,7 +87,7 @@ def ended_by_launcher(proc, t_end, scenario, nranks, error, bound):
 
 LAUNCHER_FAULTS = {
     # scenario: (the faulty rank's error, or None when it just dies)
-    "bad_input": ("ValueError", "input: expected 4 channels"),
+    "bad_input": ("RuntimeError", "input: expected 4 channels"),
     "exception": ("RuntimeError", "user code failed mid-step"),
     "sigkill": None,
     "exit0": None,

@@ -84,6 +84,10 @@ void check_scalar(double v, const char* name, bool unit_interval) {
     fail(name, ": expected a finite number", unit_interval ? " in [0, 1]" : " >= 0", ", got ", v);
 }
 
+void check_finite(double v, const char* name) {
+  if (!std::isfinite(v)) fail(name, ": expected a finite number, got ", v);
+}
+
 int64_t count_per_channel(const TensorView& x, int axis) {
   const int64_t C = x.shape[axis];
   return C > 0 ? x.numel() / C : 0;
@@ -279,6 +283,35 @@ void allreduce(const TensorView& buffer, Communicator& comm, void* stream) {
   comm.allreduce_sum(static_cast<double*>(buffer.data), buffer.shape[0], buffer.device, stream);
 }
 
+double allreduce_checked(const TensorView& buffer, bool backward, int axis, Communicator& comm,
+                         const CollectiveKey& key) {
+  const int64_t extra = stats_buffer_size(0);
+  if (buffer.ndim != 1 || buffer.shape[0] < extra || (buffer.shape[0] - extra) % 2 != 0)
+    fail("buffer: expected a 1-D buffer of 2 * P + ", extra,
+         " values (payload, count, fingerprint), got shape ", buffer.shape_str());
+  const int64_t P = (buffer.shape[0] - extra) / 2;
+  check_f64(buffer, "buffer", stats_buffer_size(P), Device{}, true, "2 * P + 17");
+  if (buffer.shape[0] > 1 && buffer.strides[0] != 1)
+    fail("buffer: expected a contiguous array, got stride ", buffer.strides[0]);
+  double* buf = static_cast<double*>(buffer.data);
+  const double n = buf[2 * P];
+  if (!std::isfinite(n) || n < 0 || n != std::floor(n))
+    fail("buffer: expected this rank's count (a whole number >= 0) at index ", 2 * P, ", got ",
+         n);
+  const CollectiveOp op = backward ? CollectiveOp::Backward : CollectiveOp::Forward;
+  const Fingerprint f = next_fingerprint(op, P, axis, key);
+  write_fingerprint(f, buf);
+  allreduce_naming(comm, buf, buffer.shape[0], Device{}, nullptr, f);
+  Expected e;
+  e.op = op;
+  e.channels = P;
+  e.mine = &f;
+  e.comm = &comm;
+  e.local_count = n;
+  check_reduced(buf, e);
+  return buf[2 * P];
+}
+
 double batch_norm_gather_stats(const TensorView& buffer, double momentum, double eps,
                                const TensorView* running_mean, const TensorView* running_var,
                                const TensorView& mean, const TensorView& invstd,
@@ -291,7 +324,7 @@ double batch_norm_gather_stats(const TensorView& buffer, double momentum, double
   const int64_t C = (buffer.shape[0] - extra) / 2;
   const Device dev = buffer.device;
   check_f64(buffer, "buffer", stats_buffer_size(C), dev, false, "stats_buffer_size(channels)");
-  check_scalar(momentum, "momentum", true);
+  check_finite(momentum, "momentum");
   check_scalar(eps, "eps", false);
   check_vec(running_mean, "running_mean", C, dev, true, "the channel count of buffer");
   check_vec(running_var, "running_var", C, dev, true, "the channel count of buffer");
@@ -429,7 +462,8 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
          running_mean ? "running_mean" : "running_var", " is given (both or neither)");
   if (!opt.training && !running_mean)
     fail("running_mean: expected running statistics when training=False, got None");
-  check_scalar(opt.momentum, "momentum", true);
+  // Any finite momentum, as torch takes; the Python functional API keeps it in [0, 1].
+  check_finite(opt.momentum, "momentum");
   check_scalar(opt.eps, "eps", false);
   check_like(y, "y", x, "x", true);
   check_f64(save_mean, "save_mean", C, dev, true, "the channel count of x");

@@ -284,24 +284,31 @@ def _launched_by_mpi() -> bool:
     return False
 
 
-_nccl_by_group: dict = {}  # (id(group) or None, device) -> (group, NCCL communicator)
+_by_group: dict = {}  # (id(group), device) -> (group, communicator)
 
 
 def _process_group(group, like) -> Communicator:
-    """A torch.distributed group as a communicator for arrays like `like`: CUDA arrays on
-    an NCCL group get an NCCL communicator bootstrapped from it (made once per group and
-    device, collectively on first use), anything else the group itself."""
+    """A torch.distributed group (None: the default one) as a communicator for arrays
+    like `like`, made once per group and device and shared by every layer: CUDA arrays on
+    an NCCL group get an NCCL communicator bootstrapped from it (collectively, on first
+    use), anything else the group itself."""
     import torch.distributed as dist
 
     from . import _arrays
 
-    if like is not None and _arrays.is_cuda(like) and dist.get_backend(group) == "nccl":
-        dev = like.device.index if hasattr(like.device, "index") else like.device.id
-        key = (None if group is None else id(group), dev)
-        if key not in _nccl_by_group:
-            _nccl_by_group[key] = (group, nccl(group=group, device=dev))
-        return _nccl_by_group[key][1]
-    return torch_distributed(group)
+    g = dist.group.WORLD if group is None else group
+    cuda = like is not None and _arrays.is_cuda(like)
+    dev = (like.device.index if hasattr(like.device, "index") else like.device.id) if cuda \
+        else None
+    hit = _by_group.get((id(g), dev))
+    if hit is not None and hit[0] is g:
+        return hit[1]
+    if cuda and dist.get_backend(group) == "nccl":
+        c = nccl(group=group, device=dev)
+    else:
+        c = torch_distributed(group)
+    _by_group[(id(g), dev)] = (g, c)
+    return c
 
 
 def default(like=None) -> Communicator:

@@ -139,6 +139,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     """
     axis = _axis(axis, x)
     momentum = _float(momentum, "momentum")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a finite number in [0, 1], got {momentum}")
     eps = _float(eps, "eps")
     training = bool(training)
     c = _comm.as_communicator(comm, like=x) if training else _comm.local()

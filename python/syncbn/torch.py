@@ -1,27 +1,41 @@
 """PyTorch adapter: a drop-in SyncBatchNorm that also trains on CPU.
 
     import syncbn.torch as sbt
-    model = sbt.convert_sync_batchnorm(model)   # every BatchNorm1d/2d/3d
-    ...train with DDP or by hand, under mpiexec or torchrun...
+    model = sbt.convert_sync_batchnorm(model)   # every BatchNorm1d/2d/3d (and timm's)
+    ...train with DDP or by hand, under mpiexec or torchrun, eager or torch.compile...
     model = sbt.revert_sync_batchnorm(model)    # plain BatchNorm for export
 
-The module is a ``torch.nn.modules.batchnorm._BatchNorm`` (same parameters and buffers,
-so state dicts load both ways with ``torch.nn.BatchNorm*d``). Its autograd function runs
-the core's composed forward/backward: one all-reduce of 2C+1 float64 values forward, one
-of 2C backward, whatever the world size.
+The module is a ``torch.nn.SyncBatchNorm`` (same parameters and buffers, so state dicts
+load both ways with ``torch.nn.BatchNorm*d``). Training runs the core: one all-reduce of
+2C+17 float64 values forward and one backward, whatever the world size. Which path runs:
+
+* eager: an autograd.Function over the core's composed forward/backward (the fast path);
+  its backward is itself differentiable when a graph is built (``create_graph=True``);
+* under torch.compile: the custom ops of ``syncbn._torch_ops`` (no graph break; an
+  ordering token keeps every rank's collectives in one order);
+* under torch.func transforms (vmap, jvp, grad) and forward-mode AD: a composition of
+  torch ops around a differentiable all-reduce (slower, transform-friendly);
+* eval, and anything else that does not synchronize: ``torch.nn.functional.batch_norm``,
+  as ``torch.nn.SyncBatchNorm`` does.
 """
 
 from __future__ import annotations
 
+import collections
 import warnings
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _arrays, _core
+from . import _torch_ops as _ops
 from . import comm as _comm
-from .functional import BatchNormContext, batch_norm_backward, batch_norm_forward, new_layer_id
+from . import functional as _fn
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct", "convert_sync_batchnorm",
+           "revert_sync_batchnorm"]
 
 _BATCHNORM_BY_DIM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
                      4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -44,83 +58,276 @@ class _Shared:
         return (_Shared, (None,))
 
 
+# ---- eager: the core's composed forward/backward ------------------------------------------
+
+_to_dlpack = torch.utils.dlpack.to_dlpack
+
+
+def _export(t):
+    return None if t is None else _to_dlpack(t)
+
+
+def _host_f64(n):
+    return np.empty(n, dtype=np.float64)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """The fast path. ``info`` carries what the module needs back (the global count) and
+    the fingerprint's layer identity."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                comm, axis, unbiased, info):
-        y, c = batch_norm_forward(x, weight, bias, running_mean, running_var,
-                                  training=training, momentum=momentum, eps=eps, axis=axis,
-                                  comm=comm, unbiased_running_var=unbiased,
-                                  layer=info["layer"], layer_name=info["name"])
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, axis,
+                unbiased, info):
+        cuda = x.is_cuda
+        C = x.shape[axis]
+        y = torch.empty_like(x)
+        if cuda:
+            mean = torch.empty(C, dtype=torch.float64, device=x.device)
+            invstd, save_count = torch.empty_like(mean), mean.new_empty(1)
+            stream = _arrays.prepare(x)
+        else:
+            mean, invstd, save_count, stream = _host_f64(C), _host_f64(C), None, 0
+        count = _core.forward(
+            _to_dlpack(x), _export(weight), _export(bias), _export(running_mean),
+            _export(running_var), _to_dlpack(y), _arrays.export(mean), _arrays.export(invstd),
+            True, momentum, eps, axis, comm, unbiased, _arrays.export(save_count), stream,
+            info["layer"], info["name"], _fn._fingerprint)
+        if cuda:
+            count = save_count
         ctx.save_for_backward(x, weight, bias)
-        # BatchNormContext's fields after x, weight, bias (those are saved tensors).
-        ctx.stats = (c.mean, c.invstd, c.count, c.axis, c.training, c.comm, c.layer,
-                     c.layer_name)
-        info["count"] = c.count
+        ctx.stats = (mean, invstd, count, comm, axis, info["layer"], info["name"], unbiased, eps)
+        info["count"], info["mean"], info["invstd"] = count, mean, invstd
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        c = BatchNormContext(x, weight, bias, *ctx.stats)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = batch_norm_backward(dy, c, need_dx=need_dx)
-        return (dx, dw if need_dw else None, db if need_db else None) + (None,) * 9
+        mean, invstd, count, comm, axis, layer, name, unbiased, eps = ctx.stats
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() or _transformed(dy):
+            # A graph of the gradients is wanted (double backward) or dy is batched
+            # (is_grads_batched): differentiate the composition of torch ops instead.
+            return _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps,
+                                    (need_dx, need_w, need_b)) + (None,) * 8
+        dx = torch.empty_like(x) if need_dx else None
+        dw = torch.empty_like(weight) if need_w else None
+        db = torch.empty_like(bias) if need_b else None
+        cuda = x.is_cuda
+        _core.backward(_to_dlpack(dy), _to_dlpack(x), _arrays.export(mean),
+                       _arrays.export(invstd), _export(weight), _export(dx), _export(dw),
+                       _export(db), True, float("nan") if cuda else count, axis, comm,
+                       _arrays.export(count) if cuda else None,
+                       _arrays.prepare(x) if cuda else 0, layer, name, _fn._fingerprint)
+        return (dx, dw, db) + (None,) * 8
 
 
-@torch.compiler.disable
-def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                     comm, axis=1, unbiased=True, layer=0, layer_name=""):
-    """Returns (y, global count). A graph break under torch.compile: the collective and
-    the C++ kernels run eagerly. Also the Keras adapter's entry (any axis, biased var).
-    ``layer``, ``layer_name``: the layer's identity in collective fingerprints."""
-    info = {"layer": layer, "name": layer_name}
-    y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, training,
-                                     momentum, eps, comm, axis, unbiased, info)
-    return y, info["count"]
+class _RecomputedFunction(torch.autograd.Function):
+    """A forward that activation checkpointing recomputes: the global statistics of the
+    first forward are reused (no collective, no running-stat update); the backward is the
+    usual synchronized one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count, comm, axis, unbiased, layer, name,
+                eps):
+        y = torch.empty_like(x)
+        _core.batch_norm_elemt(_to_dlpack(x), axis, _arrays.export(mean),
+                               _arrays.export(invstd), _export(weight), _export(bias),
+                               _to_dlpack(y), _arrays.prepare(x))
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = (mean, invstd, count, comm, axis, layer, name, unbiased, eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _SyncBatchNormFunction.backward(ctx, dy) + (None,)
 
 
-class SyncBatchNorm(_BatchNorm):
+# ---- transforms: a composition of torch ops around a differentiable all-reduce ------------
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_forward_ad = torch.autograd.forward_ad
+
+
+def _transformed(t) -> bool:
+    """Whether t is wrapped by a torch.func transform (vmap, grad, jvp) or is a dual tensor
+    of forward-mode AD: the core cannot read such a tensor's memory."""
+    if t is None:
+        return False
+    if _is_wrapped(t):
+        return True
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sums a float64 payload (2P,) across ``comm`` through the core's checked all-reduce
+    (count and fingerprint appended). Its gradient and its tangent are the same sum."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(payload, count, comm, backward, axis, layer, name):
+        n = payload.numel()
+        buf = np.empty(n + (n % 2) + 1 + _fn.FINGERPRINT_SLOTS, dtype=np.float64)
+        buf[:n] = payload.detach().reshape(-1).cpu().numpy()
+        buf[n:n + n % 2] = 0
+        buf[n + n % 2] = count
+        total = _core.allreduce_checked(buf, backward, axis, comm, layer, name, _fn._fingerprint)
+        out = torch.from_numpy(buf[:n].copy()).to(payload.device).reshape(payload.shape)
+        return out, torch.tensor(total, dtype=torch.float64, device=payload.device)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.args = inputs[1:]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        count, comm, _bw, axis, layer, name = ctx.args
+        return (_AllReduce.apply(g.contiguous(), count, comm, True, axis, layer, name)[0],
+                None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t, *_):
+        count, comm, _bw, axis, layer, name = ctx.args
+        return _AllReduce.apply(t, count, comm, False, axis, layer, name)[0], None
+
+    @staticmethod
+    def vmap(info, in_dims, payload, count, comm, backward, axis, layer, name):
+        # One collective for the whole batch of payloads.
+        p = payload.movedim(in_dims[0], 0) if in_dims[0] is not None else payload
+        out, total = _AllReduce.apply(p.reshape(-1), count, comm, backward, axis, layer, name)
+        return (out.reshape(p.shape), total), (0 if in_dims[0] is not None else None, None)
+
+
+def _composite(x, weight, bias, comm, axis, layer, name, eps, training, running_mean=None,
+               running_var=None, momentum=0.0, unbiased=True):
+    """SyncBN as torch ops (float64 statistics) around one differentiable all-reduce of
+    [sum(x) | M2 + n*mean^2] per channel, the payload the core exchanges. Returns (y, N)."""
+    C = x.shape[axis]
+    dims = [d for d in range(x.dim()) if d != axis]
+    shape = [1] * x.dim()
+    shape[axis] = C
+    acc = torch.float64
+    xd = x.to(acc)
+    if training:
+        n = x.numel() // C if C else 0
+        s1 = xd.sum(dims)
+        if n > 0:
+            d = xd - (s1 / n).reshape(shape)
+            s2 = (d * d).sum(dims) + s1 * s1 / n
+        else:
+            s2 = (xd * xd).sum(dims)
+        sums, N = _AllReduce.apply(torch.cat([s1, s2]), n, comm, False, axis % x.dim(), layer,
+                                   name)
+        Nf = float(N)
+        if Nf == 0:
+            return x * 0, 0.0
+        if Nf == 1:
+            raise ValueError("x: expected more than 1 value per channel when training, got a "
+                             "global batch of 1 value per channel (all ranks together)")
+        mean = sums[:C] / Nf
+        var = (sums[C:] - sums[:C] * mean).clamp_min(0) / Nf
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype),
+                                                     alpha=momentum)
+                uv = var.detach() * (Nf / (Nf - 1) if unbiased else 1.0)
+                running_var.mul_(1 - momentum).add_(uv.to(running_var.dtype), alpha=momentum)
+    else:
+        mean, var, Nf = running_mean.to(acc), running_var.to(acc), float(x.numel() // C)
+    y = (xd - mean.reshape(shape)) * torch.rsqrt(var + eps).reshape(shape)
+    if weight is not None:
+        y = y * weight.to(acc).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    return y.to(x.dtype), Nf
+
+
+def _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps, needs):
+    """Gradients of the fast path's forward as a differentiable graph: the forward is
+    redone as torch ops (its statistics synchronized again) and differentiated."""
+    create = torch.is_grad_enabled()
+    inputs = [t for t, n in zip((x, weight, bias), needs, strict=True) if n]
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        it = iter(leaves)
+        xs, ws, bs = (next(it) if n else t for t, n in zip((x, weight, bias), needs,
+                                                           strict=True))
+        y, _ = _composite(xs, ws, bs, comm, axis, layer, name, eps, True, unbiased=unbiased)
+        grads = torch.autograd.grad(y, leaves, dy, create_graph=create, allow_unused=True)
+    it = iter(grads)
+    return tuple(next(it) if n else None for n in needs)
+
+
+# ---- the module ---------------------------------------------------------------------------
+
+
+def _is_comm(obj) -> bool:
+    """A syncbn communicator, an mpi4py communicator, or a user object - not a
+    torch.distributed process group."""
+    dist = torch.distributed
+    if dist.is_available() and isinstance(obj, dist.ProcessGroup):
+        return False
+    return obj is not None
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
     r"""Batch norm over (N, C, \*) inputs with the statistics of the global batch.
 
-    Same arguments as ``torch.nn.SyncBatchNorm`` plus ``comm``: a syncbn communicator,
-    an mpi4py communicator, or any object with ``rank``, ``size`` and ``allreduce(buf)``.
-    ``process_group`` (a torch.distributed group) is accepted for drop-in compatibility.
-    With neither, the torch.distributed default group is used if initialized, else
+    The arguments of ``torch.nn.SyncBatchNorm`` (``process_group`` may also be a syncbn
+    or mpi4py communicator, as may the keyword ``comm``: a syncbn communicator, an mpi4py
+    communicator, or any object with ``rank``, ``size`` and ``allreduce(buf)``). With
+    neither, the torch.distributed default group is used if initialized, else
     ``MPI.COMM_WORLD`` if it has more than one rank, else no communication.
 
     Training uses global batch statistics and updates the running ones (unbiased variance
     with the global count); eval uses the running statistics and never communicates;
     ``track_running_stats=False`` and ``momentum=None`` follow PyTorch's rules. Parameter
     gradients are local (DDP or your optimizer sums them); the input gradient is global.
+    Unlike ``torch.nn.SyncBatchNorm`` it trains on CPU, under torch.compile without a
+    graph break, under torch.func transforms and double backward, and under activation
+    checkpointing (the recomputation reuses the first forward's statistics).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, process_group=None, device=None,
-                 dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
+                 bias=True, comm=None):
+        if process_group is not None and _is_comm(process_group):
+            if comm is not None:
+                raise ValueError("comm, process_group: expected at most one of them, got both")
+            comm, process_group = process_group, None
         if comm is not None and process_group is not None:
             raise ValueError("comm, process_group: expected at most one of them, got both")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         process_group, device=device, dtype=dtype, bias=bias)
         self._comm = _Shared(comm)
-        self.process_group = process_group
         self._resolved = _Shared(None)
-        self._converted_from = None  # the torch.nn class convert_sync_batchnorm replaced
+        # How a compiled graph names this layer's communicator (0: the default one).
+        self._comm_key = _ops.comm_key(comm if comm is not None else process_group)
+        self._converted_from = None  # the class convert_sync_batchnorm replaced
         self._last_input_dim = None
         # Identity in collective fingerprints: the order layers are built in, the same on
         # every rank that builds the same model; the name (the module's path when
         # convert_sync_batchnorm made it) is for error messages.
-        self.layer_id = new_layer_id()
+        self.layer_id = _fn.new_layer_id()
         self.layer_name = ""
+        # Global statistics of forwards that activation checkpointing may recompute.
+        self._recompute = _Shared(collections.deque(maxlen=32))
 
+    # The exception types torch's batch norm raises for the same input.
     def _check_input_dim(self, input):
         if input.dim() < 2:
-            raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got "
-                             f"{input.dim()}-D input of shape {tuple(input.shape)}")
+            raise ValueError(f"input: expected at least 2D input (got {input.dim()}D input of "
+                             f"shape {tuple(input.shape)}); expected (N, C, ...)")
+
+    def _check_channels(self, input):
         if input.shape[1] != self.num_features:
-            raise ValueError(f"input: expected {self.num_features} channels (num_features) "
-                             f"along dim 1, got shape {tuple(input.shape)}")
+            raise RuntimeError(f"input: expected {self.num_features} channels "
+                               f"(num_features) along dim 1, got shape {tuple(input.shape)}")
+        if not input.is_floating_point():
+            raise NotImplementedError(f"input: expected a floating dtype (float16, bfloat16, "
+                                      f"float32, float64), got {input.dtype}")
 
     def communicator(self, like=None):
         """The communicator training forwards use (resolved on first use); ``like``: an
@@ -133,36 +340,142 @@ class SyncBatchNorm(_BatchNorm):
             elif self._comm.value is not None:
                 self._resolved.value = _comm.as_communicator(self._comm.value, like)
             else:
-                return _comm.default(like)  # follows torch.distributed initialized later
+                return _comm.default(like)  # cached; follows torch.distributed's state
         return self._resolved.value
 
     def forward(self, input):
         self._check_input_dim(input)
-        # PyTorch's _BatchNorm rules for the averaging factor and which stats to use.
-        factor = 0.0 if self.momentum is None else self.momentum
+        self._check_non_zero_input_channels(input)
+        self._check_channels(input)
+        self._last_input_dim = input.dim()
+        sync = self.training  # PyTorch: batch statistics in training ...
+        bn_training = sync or (self.running_mean is None and self.running_var is None)
         update = self.training and self.track_running_stats
-        if update and self.num_batches_tracked is not None and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        comm = self.communicator(input) if bn_training and self.training else _comm.local()
-        y, count = _sync_batch_norm(input, self.weight, self.bias,
-                                    self.running_mean if use_running else None,
-                                    self.running_var if use_running else None,
-                                    bn_training, factor, self.eps, comm, 1, True,
-                                    self.layer_id, self.layer_name)
+        if not sync:  # ... and no synchronization outside it: torch's own batch norm
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                self.bias, bn_training, 0.0, self.eps)
+        if self.eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got "
+                             f"{self.eps}")
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(input, update)
+        try:
+            if _transformed(input) or _transformed(self.weight) or _transformed(self.bias):
+                return self._forward_composite(input, update)
+            return self._forward_eager(input, update)
+        except (ValueError, TypeError) as e:
+            raise _as_torch_error(e) from None
+
+    def _factor(self, update):
+        if not update or self.num_batches_tracked is None:
+            return 0.0
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return float(self.momentum)
+
+    def _forward_eager(self, input, update):
+        rm = self.running_mean if update else None
+        rv = self.running_var if update else None
+        comm = self.communicator(input)
+        # Activation checkpointing: a recomputation reuses the first forward's statistics.
+        recompute = _recomputing()
+        if recompute and self._recompute.value:
+            for i in range(len(self._recompute.value) - 1, -1, -1):
+                shape, mean, invstd, count, c = self._recompute.value[i]
+                if shape == input.shape and c is comm:
+                    del self._recompute.value[i]
+                    return _RecomputedFunction.apply(input, self.weight, self.bias, mean,
+                                                     invstd, count, comm, 1, True,
+                                                     self.layer_id, self.layer_name, self.eps)
+        info = {"layer": self.layer_id, "name": self.layer_name}
+        y = _SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv,
+                                         self._factor(update), self.eps, comm, 1, True, info)
+        count = info["count"]
+        if _may_be_recomputed():
+            self._recompute.value.append((input.shape, info["mean"], info["invstd"], count,
+                                          comm))
         # Only after a successful call that saw data (all ranks agree on the global count):
         # a failed or all-empty step leaves every buffer as it was. On a device the count
         # stays there (no host sync): counted like PyTorch, empty steps included.
         if update and self.num_batches_tracked is not None and (
                 not isinstance(count, float) or count > 0):
             self.num_batches_tracked.add_(1)
-        self._last_input_dim = input.dim()
         return y
+
+    def _forward_composite(self, input, update):
+        comm = self.communicator(input)
+        y, n = _composite(input, self.weight, self.bias, comm, 1, self.layer_id,
+                          self.layer_name, self.eps, True,
+                          self.running_mean if update else None,
+                          self.running_var if update else None, self._factor(update))
+        if update and self.num_batches_tracked is not None and n > 0:
+            self.num_batches_tracked.add_(1)
+        return y
+
+    def _forward_compiled(self, input, update):
+        global _TOKEN
+        nbt = self.num_batches_tracked
+        if update and self.momentum is None and nbt is not None:
+            momentum = 1.0 / (nbt + 1).to(torch.float64)
+        else:
+            momentum = torch.tensor(float(self.momentum or 0.0) if update else 0.0,
+                                    dtype=torch.float64)
+        y, _, _, count, rm, rv, _TOKEN = _ops.batch_norm(
+            input, self.weight, self.bias, self.running_mean if update else None,
+            self.running_var if update else None, momentum, _TOKEN, True, self.eps,
+            self._comm_key, self.layer_id, self.layer_name, 1, True)
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(rm)
+                self.running_var.copy_(rv)
+                if nbt is not None:
+                    nbt.add_((count[0] > 0).to(nbt.dtype))
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``'s signature, making syncbn's
+        layers (see :func:`convert_sync_batchnorm`)."""
+        return convert_sync_batchnorm(module, process_group)
 
     def extra_repr(self):
         return super().extra_repr() + (f", comm={self._comm.value!r}"
                                        if self._comm.value is not None else "")
+
+
+# The forward ordering token of the compiled path (see syncbn._torch_ops); no gradient.
+_TOKEN = torch.zeros((), dtype=torch.float64)
+
+
+def _as_torch_error(e):
+    """The core names bad parameters and buffers with ValueError/TypeError; torch's batch
+    norm raises RuntimeError for them, so the module does too (same message)."""
+    msg = str(e)
+    if msg.startswith(("running_mean:", "running_var:", "weight:", "bias:")):
+        return RuntimeError(msg)
+    return e
+
+
+def _recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recomputation: inside a backward
+    (reentrant checkpoint) or under the non-reentrant checkpoint's recomputation hooks."""
+    if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled():
+        return True
+    return "_recomputation_hook" in _top_pack_hook()
+
+
+def _may_be_recomputed() -> bool:
+    """Whether this training forward runs inside a checkpointed region: without grad
+    (reentrant checkpoint's first pass) or under the non-reentrant checkpoint's hooks."""
+    return not torch.is_grad_enabled() or "_checkpoint_hook" in _top_pack_hook()
+
+
+def _top_pack_hook() -> str:
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return getattr(hooks[0], "__qualname__", "") if hooks else ""
+
+
+# ---- conversion -----------------------------------------------------------------------------
 
 
 def _copy_state(src, dst):
@@ -181,40 +494,103 @@ def _copy_state(src, dst):
     return dst
 
 
-def convert_sync_batchnorm(module, comm=None, process_group=None, _path=""):
-    """Replaces every ``torch.nn.BatchNorm1d/2d/3d`` (and ``torch.nn.SyncBatchNorm``) in
-    ``module`` with :class:`SyncBatchNorm`, keeping parameters, buffers, training flag,
-    device and dtype. Subclasses of those are left alone, with a warning naming them.
+class SyncBatchNormAct(SyncBatchNorm):
+    """A :class:`SyncBatchNorm` followed by timm's drop and activation: what
+    :func:`convert_sync_batchnorm` makes of ``timm.layers.BatchNormAct2d`` (and its
+    relatives), keeping their ``drop`` and ``act`` modules."""
+
+    def forward(self, input):
+        x = super().forward(input)
+        x = self.drop(x)
+        return self.act(x)
+
+
+def _timm_norm_act():
+    try:
+        from timm.layers import norm_act
+    except ImportError:
+        return ()
+    return tuple(c for c in (getattr(norm_act, n, None) for n in (
+        "BatchNormAct2d", "SyncBatchNormAct")) if isinstance(c, type))
+
+
+def convert_sync_batchnorm(module, process_group=None, *, comm=None, _path=""):
+    """Replaces every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in
+    ``module`` with :class:`SyncBatchNorm`, and timm's ``BatchNormAct2d`` (and
+    ``SyncBatchNormAct``) with :class:`SyncBatchNormAct`, keeping parameters, buffers,
+    training flag, device, dtype, ``bias=False``, and timm's activation and drop. Other
+    subclasses of those are left alone, with a warning naming them. ``process_group``:
+    a torch.distributed group, as in torch (a syncbn or mpi4py communicator works too).
     Each new layer is named by its path in ``module`` in collective errors."""
+    if process_group is not None and _is_comm(process_group):
+        if comm is not None:
+            raise ValueError("comm, process_group: expected at most one of them, got both")
+        comm, process_group = process_group, None
     out = module
-    if type(module) in _CONVERTIBLE:
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, comm=comm, process_group=process_group)
+    timm = _timm_norm_act()
+    kind = type(module)
+    if kind in _CONVERTIBLE or kind in timm:
+        cls = SyncBatchNormAct if kind in timm else SyncBatchNorm
+        out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats, process_group,
+                  bias=getattr(module, "bias", None) is not None or not module.affine,
+                  comm=comm)
         _copy_state(module, out)
-        out._converted_from = (type(module) if type(module) is not torch.nn.SyncBatchNorm
-                               else None)
-        out.layer_name = _path or type(module).__name__
+        if kind in timm:
+            out.drop, out.act = module.drop, module.act
+        out._converted_from = kind if kind is not torch.nn.SyncBatchNorm else None
+        out.layer_name = _path or kind.__name__
     elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         warnings.warn(f"convert_sync_batchnorm: left {type(module).__qualname__} unconverted: "
                       "it subclasses a torch batch norm class, and only the exact classes "
-                      "are converted (its overrides would be lost)", stacklevel=2)
+                      "(and timm's BatchNormAct2d) are converted (its overrides would be lost)",
+                      stacklevel=2)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, comm, process_group,
-                                                    f"{_path}.{name}" if _path else name))
+        out.add_module(name, convert_sync_batchnorm(child, process_group, comm=comm,
+                                                    _path=f"{_path}.{name}" if _path else name))
     return out
 
 
 def revert_sync_batchnorm(module):
-    """Replaces every :class:`SyncBatchNorm` with the ``torch.nn.BatchNorm*d`` it was
-    converted from; for one built directly, by the input rank it last saw (2-3: 1d,
-    4: 2d, 5: 3d), and ``BatchNorm2d`` if it never saw an input."""
+    """Replaces every :class:`SyncBatchNorm` with the class it was converted from (a
+    ``torch.nn.BatchNorm*d`` or timm's ``BatchNormAct2d``); for one built directly, by the
+    input rank it last saw (2-3: 1d, 4: 2d, 5: 3d), and ``BatchNorm2d`` if it never saw
+    an input."""
     out = module
     if isinstance(module, SyncBatchNorm):
         cls = module._converted_from or _BATCHNORM_BY_DIM.get(module._last_input_dim,
                                                               torch.nn.BatchNorm2d)
-        out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats)
+        bias = module.bias is not None or not module.affine
+        if cls in _timm_norm_act():
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, apply_act=False, drop_layer=None)
+            out.act, out.drop = module.act, module.drop
+        else:
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, bias=bias)
         _copy_state(module, out)
     for name, child in module.named_children():
         out.add_module(name, revert_sync_batchnorm(child))
     return out
+
+
+# ---- the Keras adapter's entry --------------------------------------------------------------
+
+
+def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                     comm, axis=1, unbiased=True, layer=0, layer_name=""):
+    """Returns (y, global count): batch statistics synchronized over ``comm`` when
+    ``training``, else the running statistics (no communication). Any channel axis;
+    ``unbiased=False`` updates the running variance with the biased one (Keras)."""
+    if not training:
+        y, ctx = _fn.batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                        training=False, eps=eps, axis=axis,
+                                        comm=_comm.local())
+        return y, ctx.count
+    if _transformed(x):
+        return _composite(x, weight, bias, comm, axis, layer, layer_name, eps, True,
+                          running_mean, running_var, momentum, unbiased)
+    info = {"layer": layer, "name": layer_name}
+    y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum,
+                                     eps, comm, axis, unbiased, info)
+    return y, info["count"]

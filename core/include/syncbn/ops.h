@@ -49,6 +49,16 @@ void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer,
 //    backward_elemt validate what comes back).
 void allreduce(const TensorView& buffer, Communicator& comm, void* stream = nullptr);
 
+// 2'. The checked all-reduce of the composed ops, for a payload the caller computed itself
+//     (e.g. an adapter that differentiates a composition of framework ops): `buffer` is a
+//     host float64 [payload (2P) | this rank's count (1) | fingerprint (kFingerprintSlots)]
+//     whose first 2P + 1 values the caller filled. Writes the fingerprint of (direction,
+//     P, axis, key) (`backward`: false for forward statistics), all-reduces, and checks
+//     the result as forward()/backward() do (CollectiveMismatchError, CommError).
+//     Returns the global count.
+double allreduce_checked(const TensorView& buffer, bool backward, int axis, Communicator& comm,
+                         const CollectiveKey& key = {});
+
 // 3. Global mean / invstd (and biased variance) from a reduced stats buffer; updates the
 //    running stats in place (PyTorch convention: new = (1-m)*old + m*batch, running_var
 //    unbiased with the global count). Returns the global count per channel. Throws
