@@ -68,6 +68,33 @@ def _f64(n, like):
     return torch.empty(n, dtype=torch.float64, device=like.device)
 
 
+# ---- the checked all-reduce of a payload ----------------------------------------------------
+
+
+@torch.library.custom_op("syncbn::allreduce", mutates_args=())
+def allreduce(payload: Tensor, count: float, comm_key: int, backward: bool, axis: int,
+              layer: int, layer_name: str) -> tuple[Tensor, Tensor]:
+    """(payload summed across the communicator, the global count): the core's checked
+    all-reduce (count and fingerprint appended). A custom op so that even the legacy
+    batching of ``is_grads_batched`` reaches it with real tensors (one call per slice)."""
+    import numpy as np
+
+    n = payload.numel()
+    pad = n % 2  # the payload is 2P values
+    buf = np.zeros(n + pad + 1 + _fn.FINGERPRINT_SLOTS, dtype=np.float64)
+    buf[:n] = payload.reshape(-1).cpu().numpy()
+    buf[n + pad] = count
+    total = _core.allreduce_checked(buf, backward, axis, _comm_of(comm_key, payload), layer,
+                                    layer_name, _fn.fingerprint_enabled())
+    out = torch.from_numpy(buf[:n].copy()).reshape(payload.shape).to(payload.device)
+    return out, torch.tensor(total, dtype=torch.float64, device=payload.device)
+
+
+@allreduce.register_fake
+def _(payload, count, comm_key, backward, axis, layer, layer_name):
+    return torch.empty_like(payload), payload.new_empty(())
+
+
 # ---- forward ------------------------------------------------------------------------------
 
 

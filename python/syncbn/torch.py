@@ -104,7 +104,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         mean, invstd, count, comm, axis, layer, name, unbiased, eps = ctx.stats
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or _transformed(dy):
+        if torch.is_grad_enabled() or _transformed(dy) or not _has_storage(dy):
             # A graph of the gradients is wanted (double backward) or dy is batched
             # (is_grads_batched): differentiate the composition of torch ops instead.
             return _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps,
@@ -146,6 +146,15 @@ class _RecomputedFunction(torch.autograd.Function):
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
+def _primal(t):
+    """t's value without the wrappers of grad/jvp transforms (a vmapped one stays)."""
+    while _is_wrapped(t) and not _is_batched(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.detach()
+_has_storage = torch._C._has_storage  # False for the batched grads of is_grads_batched
 _forward_ad = torch.autograd.forward_ad
 
 
@@ -160,21 +169,14 @@ def _transformed(t) -> bool:
 
 
 class _AllReduce(torch.autograd.Function):
-    """Sums a float64 payload (2P,) across ``comm`` through the core's checked all-reduce
-    (count and fingerprint appended). Its gradient and its tangent are the same sum."""
-
-    generate_vmap_rule = False
+    """Sums a float64 payload (2P,) across the communicator of ``key`` (see
+    syncbn._torch_ops) with the core's checked all-reduce. Its gradient and its tangent
+    are the same sum; under vmap one collective carries the whole batch."""
 
     @staticmethod
-    def forward(payload, count, comm, backward, axis, layer, name):
-        n = payload.numel()
-        buf = np.empty(n + (n % 2) + 1 + _fn.FINGERPRINT_SLOTS, dtype=np.float64)
-        buf[:n] = payload.detach().reshape(-1).cpu().numpy()
-        buf[n:n + n % 2] = 0
-        buf[n + n % 2] = count
-        total = _core.allreduce_checked(buf, backward, axis, comm, layer, name, _fn._fingerprint)
-        out = torch.from_numpy(buf[:n].copy()).to(payload.device).reshape(payload.shape)
-        return out, torch.tensor(total, dtype=torch.float64, device=payload.device)
+    def forward(payload, count, key, backward, axis, layer, name):
+        return _ops.allreduce(payload.contiguous(), float(count), key, backward, axis, layer,
+                              name)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -183,20 +185,18 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        count, comm, _bw, axis, layer, name = ctx.args
-        return (_AllReduce.apply(g.contiguous(), count, comm, True, axis, layer, name)[0],
-                None, None, None, None, None, None)
+        count, key, _bw, axis, layer, name = ctx.args
+        return (_AllReduce.apply(g, count, key, True, axis, layer, name)[0],) + (None,) * 6
 
     @staticmethod
     def jvp(ctx, t, *_):
-        count, comm, _bw, axis, layer, name = ctx.args
-        return _AllReduce.apply(t, count, comm, False, axis, layer, name)[0], None
+        count, key, _bw, axis, layer, name = ctx.args
+        return _AllReduce.apply(t, count, key, False, axis, layer, name)[0], None
 
     @staticmethod
-    def vmap(info, in_dims, payload, count, comm, backward, axis, layer, name):
-        # One collective for the whole batch of payloads.
+    def vmap(info, in_dims, payload, count, key, backward, axis, layer, name):
         p = payload.movedim(in_dims[0], 0) if in_dims[0] is not None else payload
-        out, total = _AllReduce.apply(p.reshape(-1), count, comm, backward, axis, layer, name)
+        out, total = _AllReduce.apply(p.reshape(-1), count, key, backward, axis, layer, name)
         return (out.reshape(p.shape), total), (0 if in_dims[0] is not None else None, None)
 
 
@@ -205,6 +205,12 @@ def _composite(x, weight, bias, comm, axis, layer, name, eps, training, running_
     """SyncBN as torch ops (float64 statistics) around one differentiable all-reduce of
     [sum(x) | M2 + n*mean^2] per channel, the payload the core exchanges. Returns (y, N)."""
     C = x.shape[axis]
+    if running_mean is not None and training and _is_batched(x) and not _is_batched(running_mean):
+        raise RuntimeError(
+            "SyncBatchNorm got a batched tensor as input (vmap) while running_mean and "
+            "running_var, which are updated in place, are not batched; use "
+            "track_running_stats=False, eval mode, or batched buffers (as torch's batch norm "
+            "asks)")
     dims = [d for d in range(x.dim()) if d != axis]
     shape = [1] * x.dim()
     shape[axis] = C
@@ -218,8 +224,8 @@ def _composite(x, weight, bias, comm, axis, layer, name, eps, training, running_
             s2 = (d * d).sum(dims) + s1 * s1 / n
         else:
             s2 = (xd * xd).sum(dims)
-        sums, N = _AllReduce.apply(torch.cat([s1, s2]), n, comm, False, axis % x.dim(), layer,
-                                   name)
+        sums, N = _AllReduce.apply(torch.cat([s1, s2]), n, _ops.comm_key(comm), False,
+                                   axis % x.dim(), layer, name)
         Nf = float(N)
         if Nf == 0:
             return x * 0, 0.0
@@ -229,11 +235,12 @@ def _composite(x, weight, bias, comm, axis, layer, name, eps, training, running_
         mean = sums[:C] / Nf
         var = (sums[C:] - sums[:C] * mean).clamp_min(0) / Nf
         if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype),
-                                                     alpha=momentum)
-                uv = var.detach() * (Nf / (Nf - 1) if unbiased else 1.0)
-                running_var.mul_(1 - momentum).add_(uv.to(running_var.dtype), alpha=momentum)
+            # Statistics of the primal values (under jvp/grad transforms the buffers are
+            # captured: updated outside the transform, as torch's own batch norm does).
+            m, v = _primal(mean), _primal(var) * (Nf / (Nf - 1) if unbiased else 1.0)
+            with torch.no_grad(), torch._C._DisableFuncTorch():
+                running_mean.mul_(1 - momentum).add_(m.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(v.to(running_var.dtype), alpha=momentum)
     else:
         mean, var, Nf = running_mean.to(acc), running_var.to(acc), float(x.numel() // C)
     y = (xd - mean.reshape(shape)) * torch.rsqrt(var + eps).reshape(shape)
@@ -409,7 +416,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                           self.running_mean if update else None,
                           self.running_var if update else None, self._factor(update))
         if update and self.num_batches_tracked is not None and n > 0:
-            self.num_batches_tracked.add_(1)
+            with torch.no_grad(), torch._C._DisableFuncTorch():  # a captured buffer
+                self.num_batches_tracked.add_(1)
         return y
 
     def _forward_compiled(self, input, update):
