@@ -116,8 +116,8 @@ def test_batched_gradients_and_forward_mode_ad_equal_batchnorm(results):
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpoint_recomputation_reuses_the_statistics_and_sends_nothing(results, reentrant):
     """The recomputed forward gives the first forward's output, the running stats and
-    num_batches_tracked move once, and only the three forwards and three backwards of
-    the step communicate (the recomputation of the trunk's layer does not)."""
+    num_batches_tracked move once, and only the four forwards and four backwards of the
+    step communicate (the recomputation of the trunk's layer does not)."""
     n, res = results
     net = make_mlp()
     x, w = batch("mlp", 5, sum(sizes("mlp", n)))
@@ -132,4 +132,4 @@ def test_checkpoint_recomputation_reuses_the_statistics_and_sends_nothing(result
             torch.testing.assert_close(got["grads"][k], p.grad, **TOL)
         for k, t in net.state_dict().items():
             torch.testing.assert_close(got["buffers"][k], t, **TOL)
-        assert got["fwd_calls"] == 3 and got["calls"] == 6, got
+        assert got["fwd_calls"] == 4 and got["calls"] == 8, got

@@ -9,20 +9,23 @@ from torch.nn import functional as F
 
 
 class TwoBranchMLP(nn.Module):
-    """A trunk, then two independent branches with a BatchNorm1d each: a compiler may run
-    the branches' collectives in either order."""
+    """A trunk, then two independent branches of unequal size with SyncBN layers: without
+    an ordering token inductor (default options) schedules the branches' collectives in
+    different orders on an empty rank and on the others (seen with torch 2.13: 103, 102,
+    100, 101 on an empty rank against 100, 102, 101, 103)."""
 
     def __init__(self):
         super().__init__()
         self.l0, self.b0 = nn.Linear(6, 8), nn.BatchNorm1d(8)
-        self.la, self.ba = nn.Linear(8, 8), nn.BatchNorm1d(8)
-        self.lb, self.bb = nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=None)
+        self.la, self.ba = nn.Linear(8, 64), nn.BatchNorm1d(64)
+        self.la2, self.ba2 = nn.Linear(64, 4), nn.BatchNorm1d(4)
+        self.lb, self.bb = nn.Linear(8, 4), nn.BatchNorm1d(4, momentum=None)
 
     def trunk(self, x):
         return F.relu(self.b0(self.l0(x)))
 
     def head(self, h):
-        return self.ba(self.la(h)) + self.bb(self.lb(h))
+        return self.ba2(self.la2(F.relu(self.ba(self.la(h))))) + self.bb(self.lb(h))
 
     def forward(self, x):
         return self.head(self.trunk(x))
@@ -55,7 +58,7 @@ def make_resnet():
 
 # Per-rank batch sizes (a pattern repeated/cut to the world size); 0: an empty rank.
 SIZES = {"mlp": [3, 0, 4], "resnet": [2, 3, 1], "layer": [3, 0, 2]}
-SHAPES = {"mlp": ((6,), (8,)), "resnet": ((3, 6, 6), (6, 6, 6)), "layer": ((5, 4), (5, 4))}
+SHAPES = {"mlp": ((6,), (4,)), "resnet": ((3, 6, 6), (6, 6, 6)), "layer": ((5, 4), (5, 4))}
 STEPS = 3
 LR = 0.1
 
