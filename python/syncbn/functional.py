@@ -121,7 +121,7 @@ def batch_norm_backward(dy, ctx: BatchNormContext, *, need_dx=True):
 
 def batch_norm_stats(x, axis=1):
     """Local partial statistics of x, packed ready to all-reduce: a float64 buffer of
-    2C+1 values ``[n*mean (C) | M2 + n*mean^2 (C) | n]`` (see core/include/syncbn/math.h)."""
+    2C+1 values ``[n*mean (C) | M2 + n*mean^2 (C) | n]`` (see core/internal/syncbn/math.h)."""
     axis = _int(axis, "axis")
     buf = _arrays.vector(2 * _arrays.channels(x, axis) + 1, x)
     _core.batch_norm_stats(_arrays.export(x), axis, _arrays.export(buf), _arrays.prepare(x))
