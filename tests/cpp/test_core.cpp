@@ -162,7 +162,9 @@ syncbn::TensorView vec(std::vector<double>& v) {
 // Forward and backward of one (N, C, S) batch in `dtype` and `layout` against float64
 // batch norm; the composed ops and the primitives must agree exactly.
 void test_equivalence(syncbn::DType dtype, const char* layout) {
-  const int64_t N = 5, C = 3, S = 7;  // S odd: the vectorized loops' tails run
+  // S = 37: channels-first runs of 37 (>= 16: the kernels' run mode, 8-wide loops with a
+  // tail); channels-last rows of C * 1 (row mode); strided goes through a packed copy.
+  const int64_t N = 3, C = 3, S = 37;
   const std::string what = std::string(syncbn::dtype_name(dtype)) + " " + layout;
   std::vector<double> x(size_t(N * C * S)), dy(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
