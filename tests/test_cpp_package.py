@@ -264,6 +264,9 @@ def test_one_command_gpu_install_builds_cuda_with_nccl_from_a_comma_path(tmp_pat
     code = "import json, syncbn; print(json.dumps(syncbn.build_info()))"
     info = json.loads(run([py, "-c", code], timeout=120, cwd=tmp_path).stdout)
     assert info["cuda"] and info["nccl"] and info["nccl_version"], info
+    cuda_so = next((tmp_path / "venv").glob("lib/python*/site-packages/syncbn/_cuda*.so"))
+    dyn = run(["readelf", "-d", cuda_so], timeout=60).stdout
+    assert "libnccl.so.2" in dyn and "pip-build-env" not in dyn, dyn  # NCCL of the venv
 
     # C++: find_package(syncbn COMPONENTS cuda) in a C++-only project, link, run.
     app = tmp_path / "app"
