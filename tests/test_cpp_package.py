@@ -115,7 +115,7 @@ PUBLIC = {"build_config.h", "communicator.h", "dlpack.h", "errors.h", "ops.h", "
 INTERNAL = {"math.h", "device_backend.h"}
 
 
-def test_cmake_install_has_public_headers_static_pic_library_and_config(install_prefix):
+def test_cmake_install_has_public_headers_static_library_and_config(install_prefix):
     headers = {p.name for p in (install_prefix / "include" / "syncbn").iterdir()}
     assert PUBLIC <= headers and not headers & INTERNAL, headers
     assert (install_prefix / "lib" / "libsyncbn_core.a").is_file()
@@ -123,6 +123,11 @@ def test_cmake_install_has_public_headers_static_pic_library_and_config(install_
     for f in ("syncbnConfig.cmake", "syncbnConfigVersion.cmake", "syncbnTargets.cmake"):
         assert (cmake / f).is_file(), f
     assert not (install_prefix / "lib" / "libsyncbn_cuda.a").exists()  # CUDA OFF
+
+
+def test_static_core_links_into_a_shared_library(built):
+    """Position independent: tests/cpp links the ops into a shared library."""
+    assert (built / "libsyncbn_in_a_shared_library.so").is_file()
 
 
 def test_pip_package_carries_the_cpp_package_and_says_where(pip_cmake_dir):
