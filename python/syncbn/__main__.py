@@ -1,13 +1,34 @@
 """`python -m syncbn`: print what this build has, then check SyncBN against a float64
-batch norm on the global batch. Under mpiexec every rank takes part (uneven slices)."""
+batch norm on the global batch. Under mpiexec every rank takes part (uneven slices).
+
+`python -m syncbn --cmake-dir` prints the directory of the C++ package (syncbnConfig.cmake)
+this installation carries, for `-Dsyncbn_DIR=` or `CMAKE_PREFIX_PATH`; `--include-dir` the
+directory of its headers."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 
 import syncbn
+
+
+def package_dir() -> Path:
+    """Where CMake installed the package's files: beside the compiled module, which in an
+    editable install is not the source folder that `syncbn.__file__` points at."""
+    return Path(importlib.util.find_spec("syncbn._core").origin).parent
+
+
+def cmake_dir() -> Path:
+    d = package_dir() / "cmake"
+    if not (d / "syncbnConfig.cmake").is_file():
+        raise FileNotFoundError(f"no syncbnConfig.cmake in {d}: this installation of syncbn "
+                                "was built without its C++ package")
+    return d
 
 
 def _slice(rank: int, C: int) -> np.ndarray:
@@ -40,7 +61,23 @@ def self_check() -> tuple[bool, str]:
     return ok, f"rank {rank}/{size} ({comm.kind}): max error vs float64 reference {err:.2e}"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m syncbn", description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cmake-dir", "--cmake_dir", action="store_true",
+                       help="print the directory holding syncbnConfig.cmake and exit")
+    where.add_argument("--include-dir", "--include_dir", action="store_true",
+                       help="print the directory of the C++ headers and exit")
+    args = parser.parse_args(argv)
+    if args.cmake_dir or args.include_dir:
+        try:
+            d = cmake_dir() if args.cmake_dir else cmake_dir().parent / "include"
+        except FileNotFoundError as e:
+            print(f"python -m syncbn: {e}", file=sys.stderr)
+            return 1
+        print(d)
+        return 0
+
     info = syncbn.build_info()
     comm = syncbn.comm.default()
     if comm.rank == 0:

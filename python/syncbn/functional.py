@@ -207,7 +207,7 @@ def _channels_of_buffer(buffer) -> int:
 def batch_norm_stats(x, axis=1, *, layer=0):
     """Local partial statistics of x, packed ready to all-reduce: a float64 buffer
     ``[n*mean (C) | M2 + n*mean^2 (C) | n | fingerprint (16)]`` (see
-    core/include/syncbn/math.h and ops.h). ``layer``: as in :func:`batch_norm_forward`."""
+    core/internal/syncbn/math.h and ops.h). ``layer``: as in :func:`batch_norm_forward`."""
     axis = _axis(axis, x)
     buf = _arrays.vector(stats_buffer_size(_arrays.channels(x, axis)), x)
     _core.batch_norm_stats(_arrays.export(x, "x"), axis, _arrays.export(buf),

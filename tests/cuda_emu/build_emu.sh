@@ -11,7 +11,7 @@ python3 "$HERE/gen.py" >/dev/null
 CAP=${1:-3}; shift || true
 S=$EMU_OUT/src/cuda
 g++ -std=c++17 -O2 -g -Wall -Wno-unknown-pragmas -Wno-sign-compare "$@" -DEMU_GRID_CAP=$CAP \
-  -I "$HERE/shim" -I "$EMU_OUT/src" -I $ROOT/core/include \
+  -I "$HERE/shim" -I "$EMU_OUT/src" -I "$ROOT/core/include" -I "$ROOT/core/internal" \
   $S/batch_norm_stats.cpp $S/batch_norm_gather_stats.cpp $S/batch_norm_elemt.cpp \
   $S/batch_norm_backward_reduce.cpp $S/batch_norm_backward_elemt.cpp $S/copy_strided.cpp \
   $S/vectors.cpp $ROOT/core/src/tensor.cpp "$HERE/test_kernels.cpp" -o "$EMU_OUT/test_kernels"

@@ -35,8 +35,9 @@ S=$EMU_OUT/src/cuda
 O=$EMU_OUT/obj
 rm -f "$O"/*.o "$O"/*.failed
 FLAGS=(-std=c++17 -O1 -Wall -Wno-unknown-pragmas -Wno-sign-compare -Wno-psabi -DEMU_GRID_CAP="$CAP" "$@")
-CORE_INC=(-I "$ROOT/core/include" -I "$MPI_PREFIX/include" -DSYNCBN_WITH_MPI '-DSYNCBN_VERSION="emu"')
-EMU_INC=(-I "$HERE/shim" -I "$EMU_OUT/src" -I "$ROOT/core/include" -I "$MPI_PREFIX/include")
+CORE_INC=(-I "$ROOT/core/include" -I "$ROOT/core/internal" -I "$MPI_PREFIX/include" -DSYNCBN_WITH_MPI '-DSYNCBN_VERSION="emu"')
+EMU_INC=(-I "$HERE/shim" -I "$EMU_OUT/src" -I "$ROOT/core/include" -I "$ROOT/core/internal"
+         -I "$MPI_PREFIX/include")
 
 # One translation unit: object, source, include flags; a failure leaves OBJECT.failed.
 compile() {

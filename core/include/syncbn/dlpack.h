@@ -1,10 +1,17 @@
-// The DLPack ABI types the core accepts. Uses the official header when the build has
-// it; otherwise declares the same (ABI-stable, v0.8+) layout, so a C++ caller can hand
-// the core any framework's DLTensor.
+// The DLPack ABI types the core accepts. Uses the official header when one is already
+// included or on the include path (a framework's copy keeps the official include guard, as
+// libtorch's ATen/dlpack.h does); otherwise declares the same ABI-stable (v0.8+) layout of
+// the few types the core reads, so a C++ caller can hand the core any framework's DLTensor.
+// Declaring them ourselves conflicts with a DLPack header included *later* under another
+// name: include your framework's DLPack header first.
 #pragma once
 
-#if __has_include(<dlpack/dlpack.h>)
+#if defined(DLPACK_DLPACK_H_)
+// already declared (dlpack/dlpack.h or a framework's copy of it)
+#elif __has_include(<dlpack/dlpack.h>)
 #include <dlpack/dlpack.h>
+#elif __has_include(<ATen/dlpack.h>)
+#include <ATen/dlpack.h>  // libtorch ships DLPack there
 #else
 #include <cstdint>
 
