@@ -75,8 +75,11 @@ const TensorView* ptr(const std::optional<TensorView>& v) {
 
 // The fingerprint fields every collective-issuing call takes (see CollectiveKey).
 #define SYNCBN_KEY_ARGS "layer"_a = 0, "layer_name"_a = "", "verify"_a = true
-syncbn::CollectiveKey make_key(int64_t layer, const std::string& name, bool verify) {
-  return syncbn::CollectiveKey{layer, name.empty() ? nullptr : name.c_str(), verify};
+// The primitives also take the call number of their fingerprint (they count nothing).
+#define SYNCBN_PRIMITIVE_KEY_ARGS SYNCBN_KEY_ARGS, "call"_a = 0
+syncbn::CollectiveKey make_key(int64_t layer, const std::string& name, bool verify,
+                               int64_t call = 0) {
+  return syncbn::CollectiveKey{layer, name.empty() ? nullptr : name.c_str(), verify, call};
 }
 
 // A communicator implemented in Python: integer `rank`, `size`, and `allreduce(buf)` that
@@ -224,14 +227,14 @@ NB_MODULE(_core, m) {
   m.def(
       "batch_norm_stats",
       [](nb::handle x, int axis, nb::handle buffer, uintptr_t stream, int64_t layer,
-         const std::string& name, bool verify) {
+         const std::string& name, bool verify, int64_t call) {
         Args a;
         TensorView xv = a.view(x, "x", false), bv = a.view(buffer, "buffer", true);
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_stats(xv, axis, bv, reinterpret_cast<void*>(stream),
-                                 make_key(layer, name, verify));
+                                 make_key(layer, name, verify, call));
       },
-      "x"_a.none(), "axis"_a, "buffer"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "x"_a.none(), "axis"_a, "buffer"_a.none(), "stream"_a = 0, SYNCBN_PRIMITIVE_KEY_ARGS);
 
   m.def(
       "allreduce",
@@ -258,7 +261,7 @@ NB_MODULE(_core, m) {
       "batch_norm_gather_stats",
       [](nb::handle buffer, double momentum, double eps, nb::handle running_mean,
          nb::handle running_var, nb::handle mean, nb::handle invstd, nb::handle var,
-         uintptr_t stream, int64_t layer, const std::string& name, bool verify) {
+         uintptr_t stream, int64_t layer, const std::string& name, bool verify, int64_t call) {
         Args a;
         TensorView bv = a.view(buffer, "buffer", false);
         auto rm = a.maybe(running_mean, "running_mean", true);
@@ -268,10 +271,10 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         return syncbn::batch_norm_gather_stats(bv, momentum, eps, ptr(rm), ptr(rv), mv, sv, ptr(vv),
                                                reinterpret_cast<void*>(stream),
-                                               make_key(layer, name, verify));
+                                               make_key(layer, name, verify, call));
       },
       "buffer"_a.none(), "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
-      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0, SYNCBN_PRIMITIVE_KEY_ARGS);
 
   m.def(
       "batch_norm_elemt",
@@ -293,7 +296,7 @@ NB_MODULE(_core, m) {
       "batch_norm_backward_reduce",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd, nb::handle sums,
          nb::handle grad_weight, nb::handle grad_bias, uintptr_t stream, int64_t layer,
-         const std::string& name, bool verify) {
+         const std::string& name, bool verify, int64_t call) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -303,16 +306,16 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_reduce(dyv, xv, axis, mv, sv, su, ptr(gw), ptr(gb),
                                            reinterpret_cast<void*>(stream),
-                                           make_key(layer, name, verify));
+                                           make_key(layer, name, verify, call));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "sums"_a.none(),
-      "grad_weight"_a.none(), "grad_bias"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "grad_weight"_a.none(), "grad_bias"_a.none(), "stream"_a = 0, SYNCBN_PRIMITIVE_KEY_ARGS);
 
   m.def(
       "batch_norm_backward_elemt",
       [](nb::handle dy, nb::handle x, int axis, nb::handle mean, nb::handle invstd,
          nb::handle weight, nb::handle sums, nb::handle count, nb::handle dx, uintptr_t stream,
-         int64_t layer, const std::string& name, bool verify) {
+         int64_t layer, const std::string& name, bool verify, int64_t call) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
         TensorView mv = a.view(mean, "mean", false), sv = a.view(invstd, "invstd", false);
@@ -328,10 +331,10 @@ NB_MODULE(_core, m) {
         nb::gil_scoped_release nogil;
         syncbn::batch_norm_backward_elemt(dyv, xv, axis, mv, sv, ptr(wv), su, n, dxv, ptr(cv),
                                           reinterpret_cast<void*>(stream),
-                                          make_key(layer, name, verify));
+                                          make_key(layer, name, verify, call));
       },
       "dy"_a.none(), "x"_a.none(), "axis"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
-      "sums"_a.none(), "count"_a, "dx"_a.none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "sums"_a.none(), "count"_a, "dx"_a.none(), "stream"_a = 0, SYNCBN_PRIMITIVE_KEY_ARGS);
 
   m.def(
       "forward",

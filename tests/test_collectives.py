@@ -26,8 +26,8 @@ def rng(seed):
 # ---- the fingerprint -------------------------------------------------------------------
 
 
-def stats(x, axis=1, layer=0):
-    return syncbn.batch_norm_stats(x, axis=axis, layer=layer)
+def stats(x, axis=1, layer=0, call=1):
+    return syncbn.batch_norm_stats(x, axis=axis, layer=layer, call=call)
 
 
 def test_every_buffer_carries_count_and_fingerprint_and_both_directions_match_in_length():
@@ -50,7 +50,8 @@ def test_every_buffer_carries_count_and_fingerprint_and_both_directions_match_in
 def test_the_fingerprint_tells_layer_axis_channels_and_call_apart():
     x = rng(2).standard_normal((4, C, C))
     a = stats(x, layer=7)[2 * C + 3:2 * C + 9]  # hash bytes
-    assert not np.array_equal(a, stats(x, layer=7)[2 * C + 3:2 * C + 9])  # next call
+    np.testing.assert_array_equal(a, stats(x, layer=7)[2 * C + 3:2 * C + 9])  # the same call
+    assert not np.array_equal(a, stats(x, layer=7, call=2)[2 * C + 3:2 * C + 9])  # the next
     assert not np.array_equal(stats(x, layer=8), stats(x, layer=9))
     # The same C on another channel axis.
     b1 = syncbn.batch_norm_stats(x, axis=1, layer=11)
@@ -64,11 +65,10 @@ def reduce(*bufs):
 
 
 def test_a_rank_a_call_ahead_is_caught():
-    # One process, three calls of one layer: calls 1, 2, 3, as three ranks whose counts
-    # of that layer's synchronized calls differ would send them.
+    # Calls 1, 2, 2 of one layer, as three ranks would send them if one were a call ahead.
     x = rng(0).standard_normal((3, C, 2))
     layer = next(_fresh)
-    bufs = [stats(x, layer=layer) for _ in range(3)]
+    bufs = [stats(x, layer=layer, call=c) for c in (1, 2, 2)]
     with pytest.raises(syncbn.CollectiveMismatchError, match="ranks disagree"):
         syncbn.batch_norm_gather_stats(reduce(*bufs))
 
@@ -77,21 +77,10 @@ _fresh = itertools.count(10_000)
 
 
 def _rank_buffers(n_ranks, layer_of_rank):
-    """Buffers as separate processes would send them: rank r's statistics of its own
-    batch, fingerprinted as the first synchronized call of layer layer_of_rank[r]. (In one
-    process a layer's second call is its call 2, so ranks with the same layer take the
-    fingerprint of that layer's first buffer: the same slots another process would write
-    for the same operation, C, axis, layer and call.)"""
-    first, out = {}, []
-    for r in range(n_ranks):
-        x = rng(100 + r).standard_normal((2 + r, C, 3))
-        b = stats(x, layer=layer_of_rank[r])
-        if layer_of_rank[r] in first:
-            b[2 * C + 3:] = first[layer_of_rank[r]][2 * C + 3:]
-        else:
-            first[layer_of_rank[r]] = b
-        out.append(b)
-    return out
+    """Buffers as separate ranks would send them: rank r's statistics of its own batch,
+    fingerprinted as the first call of layer layer_of_rank[r]."""
+    return [stats(rng(100 + r).standard_normal((2 + r, C, 3)), layer=layer_of_rank[r])
+            for r in range(n_ranks)]
 
 
 @pytest.mark.parametrize("pattern", [(0, 0), (0, 0, 0), (0, 1), (0, 2, 1), (1, 0, 0),

@@ -105,7 +105,38 @@ def pip_build(pip_cmake_dir, tmp_path_factory) -> Path:
                                    if Path(p).resolve() != Path(sys.prefix, "bin").resolve())}
     return consumer(tmp_path_factory.mktemp("consumer_pip") / "build",
                     [f"-Dsyncbn_DIR={pip_cmake_dir}", "-DSYNCBN_EXAMPLES_LIBTORCH=ON",
-                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], env=env)
+                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                     *torch_cuda_hints(torch)], env=env)
+
+
+def torch_cuda_hints(torch):
+    """A CUDA build of torch (the wheel the timm tests need) makes Torch's CMake package
+    find the CUDA toolkit (FindCUDA) and NVRTC again: the toolkit of the nvcc on PATH, and
+    the NVRTC of the nvidia wheels beside torch."""
+    if not torch.version.cuda:
+        return []
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.fail("this torch is a CUDA build: its CMake package needs a CUDA toolkit (nvcc "
+                    "on PATH) to configure the libtorch example")
+    out = run([nvcc, "--version"], timeout=60).stdout  # a wrapper script may stand in
+    root = Path(nvcc).resolve().parent.parent
+    for line in out.splitlines():  # nvcc prints nothing of its path; try the usual places
+        pass
+    for cand in (root, Path("/usr/local/cuda")):
+        if (cand / "include" / "cuda_runtime.h").exists():
+            root = cand
+            break
+    hints = [f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
+    site = Path(torch.__file__).resolve().parent.parent
+    nvrtc = sorted(site.glob("nvidia/*/lib/libnvrtc.so*")) + sorted(
+        site.glob("nvidia/cuda_nvrtc/lib/libnvrtc.so*"))
+    nvrtc = [p for p in nvrtc if "builtins" not in p.name and ".alt." not in p.name]
+    if nvrtc:
+        hints.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    return hints
 
 
 # ---- what the packages hold ------------------------------------------------------------------

@@ -1,8 +1,6 @@
 #include "collective.h"
 
 #include <cmath>
-#include <mutex>
-#include <unordered_map>
 
 #include "syncbn/errors.h"
 
@@ -31,21 +29,16 @@ std::string layer_str(const CollectiveKey& key) {
   return detail::cat("layer #", key.layer);
 }
 
-std::mutex g_calls_mu;
-std::unordered_map<int64_t, int64_t> g_calls[2];  // [direction][layer] -> synchronized calls
-
 // A call whose collective the ranks disagreed on is not counted: every rank takes its own
 // back, so ranks that agree again afterwards (the error was caught) are in step again.
 void uncount(const Fingerprint& f) {
-  std::lock_guard<std::mutex> lock(g_calls_mu);
-  int64_t& n = g_calls[f.op == CollectiveOp::Forward ? 0 : 1][f.layer];
-  if (n == f.call) --n;
+  if (f.counts) f.counts->forget(f.layer, f.op == CollectiveOp::Forward ? 0 : 1, f.call);
 }
 
 }  // namespace
 
 Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
-                             const CollectiveKey& key) {
+                             const CollectiveKey& key, Communicator* comm) {
   Fingerprint f;
   f.op = op;
   f.channels = channels;
@@ -53,9 +46,11 @@ Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
   f.layer = key.layer;
   f.layer_name = key.layer_name;
   f.verify = key.verify;
-  {
-    std::lock_guard<std::mutex> lock(g_calls_mu);
-    f.call = ++g_calls[op == CollectiveOp::Forward ? 0 : 1][key.layer];
+  if (comm) {
+    f.counts = &comm->call_counts();
+    f.call = f.counts->next(key.layer, op == CollectiveOp::Forward ? 0 : 1);
+  } else {
+    f.call = key.call;
   }
   uint64_t h = mix(uint64_t(op));
   for (uint64_t v : {uint64_t(channels), uint64_t(axis), uint64_t(key.layer), uint64_t(f.call)})

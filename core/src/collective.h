@@ -78,15 +78,16 @@ struct Fingerprint {
   int axis = 0;
   int64_t layer = 0;
   int64_t call = 0;  // the layer's synchronized calls in this direction, this one included
+  CallCounts* counts = nullptr;  // where `call` was counted (null: given by the caller)
   const char* layer_name = nullptr;
   bool verify = true;
   double slots[kFingerprintSlots] = {};  // what this rank contributes; [kNonFinite] is 0
 };
 
-// Counts the call (per layer and direction, process-wide, thread-safe) and builds its
-// fingerprint. `axis` is the non-negative channel axis.
+// Builds the fingerprint of a call: counted on `comm` (per layer and direction), or, for
+// the primitives (comm null), with the caller's key.call. `axis`: the non-negative axis.
 Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
-                             const CollectiveKey& key);
+                             const CollectiveKey& key, Communicator* comm);
 
 // Writes fp's slots behind a host buffer's payload and count (buf[2C + 1 ...]), with the
 // non-finite flag taken from buf[0 .. 2C).

@@ -261,7 +261,7 @@ void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer, v
   const int64_t C = x.shape[axis];
   check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true,
             "stats_buffer_size(channels)");
-  const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, key);
+  const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, key, nullptr);
   if (auto* b = on_device(x.device)) return b->batch_norm_stats(x, axis, buffer, f, stream);
   Vec buf(static_cast<size_t>(stats_buffer_size(C)));
   local_stats(x, axis, buf.data());
@@ -299,7 +299,7 @@ double allreduce_checked(const TensorView& buffer, bool backward, int axis, Comm
     fail("buffer: expected this rank's count (a whole number >= 0) at index ", 2 * P, ", got ",
          n);
   const CollectiveOp op = backward ? CollectiveOp::Backward : CollectiveOp::Forward;
-  const Fingerprint f = next_fingerprint(op, P, axis, key);
+  const Fingerprint f = next_fingerprint(op, P, axis, key, &comm);
   write_fingerprint(f, buf);
   allreduce_naming(comm, buf, buffer.shape[0], Device{}, nullptr, f);
   Expected e;
@@ -386,7 +386,7 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int a
             "backward_buffer_size(channels)");
   check_vec(grad_weight, "grad_weight", C, x.device, true);
   check_vec(grad_bias, "grad_bias", C, x.device, true);
-  const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, key);
+  const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, key, nullptr);
   if (auto* b = on_device(x.device))
     return b->batch_norm_backward_reduce(dy, x, axis, mean, invstd, sums, grad_weight, grad_bias,
                                          f, stream);
@@ -472,7 +472,7 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   if (auto* b = on_device(dev)) {
     const TensorView& sc = require_count_view(save_count, "save_count", dev);
     Fingerprint f;
-    if (opt.training) f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key());
+    if (opt.training) f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key(), &comm);
     b->forward(x, axis, weight, bias, running_mean, running_var, opt, comm, y, save_mean,
                save_invstd, sc, opt.training ? &f : nullptr);
     return std::nan("");
@@ -483,7 +483,7 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   if (opt.training) {
     Vec buf(static_cast<size_t>(stats_buffer_size(C)));
     local_stats(x, axis, buf.data());
-    const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key());
+    const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key(), &comm);
     write_fingerprint(f, buf.data());
     allreduce_naming(comm, buf.data(), int64_t(buf.size()), Device{}, opt.stream, f);
     Expected e;
@@ -531,7 +531,7 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
       check_f64(cv, "count", 1, dev, false, "one value");
     }
     Fingerprint f;
-    if (sync) f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key());
+    if (sync) f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key(), &comm);
     return b->backward(dy, x, axis, save_mean, save_invstd, weight, opt, comm, dx, grad_weight,
                        grad_bias, sync ? &f : nullptr);
   }
@@ -551,7 +551,7 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
   if (grad_bias) gb.assign(sums.begin(), sums.begin() + C);
   if (dx && sync && opt.count > 0) {  // count 0: every rank is empty, all skip it alike
     sums[size_t(2 * C)] = double(count_per_channel(x, axis));
-    const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key());
+    const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key(), &comm);
     write_fingerprint(f, sums.data());
     allreduce_naming(comm, sums.data(), int64_t(sums.size()), Device{}, opt.stream, f);
     Expected e;

@@ -107,13 +107,16 @@ class PrimitivesBatchNorm final : public mlp::BatchNorm {
     x_ = x;
     const int64_t C = x.cols;
     const int axis = 1;
-    (void)layer_;  // TODO(layer id): the layer id of the primitives' collectives
+    syncbn::CollectiveKey key;  // what the fingerprint says: the same on every rank
+    key.layer = layer_;
+    key.call = ++forward_calls_;  // the primitives count nothing themselves
     mlp::Vec stats(size_t(syncbn::stats_buffer_size(C)));
-    syncbn::batch_norm_stats(mlp::view(x), axis, mlp::view(stats));  // 1. local partials
-    syncbn::allreduce(mlp::view(stats), comm_);                      // 2. the one collective
+    syncbn::batch_norm_stats(mlp::view(x), axis, mlp::view(stats), nullptr, key);  // 1.
+    syncbn::allreduce(mlp::view(stats), comm_);  // 2. the one collective
     const auto rm = mlp::view(running_mean), rv = mlp::view(running_var);
     count_ = syncbn::batch_norm_gather_stats(mlp::view(stats), kMomentum, kEps, &rm, &rv,
-                                             mlp::view(mean_), mlp::view(invstd_));  // 3.
+                                             mlp::view(mean_), mlp::view(invstd_), nullptr,
+                                             nullptr, key);  // 3. checks the fingerprint
     const auto w = mlp::view(weight), b = mlp::view(bias);
     syncbn::batch_norm_elemt(mlp::view(x), axis, mlp::view(mean_), mlp::view(invstd_), &w, &b,
                              mlp::view(y));  // 4.
@@ -124,13 +127,17 @@ class PrimitivesBatchNorm final : public mlp::BatchNorm {
     const int axis = 1;
     mlp::Vec sums(size_t(syncbn::backward_buffer_size(C)));
     const auto gw = mlp::view(grad_weight), gb = mlp::view(grad_bias);
+    syncbn::CollectiveKey key;
+    key.layer = layer_;
+    key.call = ++backward_calls_;
     syncbn::batch_norm_backward_reduce(mlp::view(dy), mlp::view(x_), axis, mlp::view(mean_),
-                                       mlp::view(invstd_), mlp::view(sums), &gw, &gb);  // 5.
+                                       mlp::view(invstd_), mlp::view(sums), &gw, &gb, nullptr,
+                                       key);  // 5.
     syncbn::allreduce(mlp::view(sums), comm_);
     const auto w = mlp::view(weight);
     syncbn::batch_norm_backward_elemt(mlp::view(dy), mlp::view(x_), axis, mlp::view(mean_),
                                       mlp::view(invstd_), &w, mlp::view(sums), count_,
-                                      mlp::view(dx));  // 6.
+                                      mlp::view(dx), nullptr, nullptr, key);  // 6.
   }
 
  private:
@@ -139,6 +146,7 @@ class PrimitivesBatchNorm final : public mlp::BatchNorm {
   mlp::Mat x_;
   mlp::Vec mean_, invstd_;
   double count_ = 0;
+  int64_t forward_calls_ = 0, backward_calls_ = 0;
 };
 
 }  // namespace

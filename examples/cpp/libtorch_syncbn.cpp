@@ -41,7 +41,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight, const at::Tensor& bias,
                             const at::Tensor& running_mean, const at::Tensor& running_var,
-                            int64_t comm_address, double momentum, double eps) {
+                            int64_t comm_address, int64_t layer, double momentum, double eps) {
     auto& comm = *reinterpret_cast<syncbn::Communicator*>(comm_address);
     const int64_t C = x.size(1);
     at::Tensor y = at::empty_like(x);  // keeps x's memory format
@@ -50,7 +50,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     syncbn::ForwardOptions opt;  // axis 1: NCHW
     opt.momentum = momentum;
     opt.eps = eps;
-    // opt.layer = ...;  // TODO(layer id): one id per SyncBN layer
+    opt.layer = layer;  // this layer's id, the same on every rank (the fingerprint)
     DLPackView xv(x, "x", true), wv(weight, "weight", true), bv(bias, "bias", true);
     DLPackView rm(running_mean, "running_mean"), rv(running_var, "running_var");
     const double count = syncbn::forward(*xv, wv.get(), bv.get(), rm.get(), rv.get(), opt, comm,
@@ -59,6 +59,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     ctx->save_for_backward({x, weight, save_mean, save_invstd});
     ctx->saved_data["count"] = count;
     ctx->saved_data["comm"] = comm_address;
+    ctx->saved_data["layer"] = layer;
     return y;
   }
 
@@ -71,19 +72,23 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
     at::Tensor dx = at::empty_like(x), dw = at::empty_like(weight), db = at::empty_like(weight);
     syncbn::BackwardOptions opt;
     opt.count = ctx->saved_data["count"].toDouble();
+    opt.layer = ctx->saved_data["layer"].toInt();
     DLPackView dxv(dx, "dx"), dwv(dw, "grad_weight"), dbv(db, "grad_bias");
     syncbn::backward(
         *DLPackView(dy, "dy", true), *DLPackView(x, "x", true),
         *DLPackView(saved[2], "save_mean", true), *DLPackView(saved[3], "save_invstd", true),
         DLPackView(weight, "weight", true).get(), opt, comm, dxv.get(), dwv.get(), dbv.get());
     // One gradient per forward input; none for the running stats and the scalars.
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // torch::nn::BatchNorm2d's parameters and buffers, normalized over all ranks in training.
 struct SyncBatchNorm2dImpl : torch::nn::Module {
-  SyncBatchNorm2dImpl(int64_t C, syncbn::Communicator& comm) : comm(&comm) {
+  // `layer`: this layer's id for the collective fingerprint (the same on every rank).
+  SyncBatchNorm2dImpl(int64_t C, syncbn::Communicator& comm, int64_t layer = 1)
+      : comm(&comm), layer(layer) {
     weight = register_parameter("weight", torch::ones({C}));
     bias = register_parameter("bias", torch::zeros({C}));
     running_mean = register_buffer("running_mean", torch::zeros({C}));
@@ -93,9 +98,10 @@ struct SyncBatchNorm2dImpl : torch::nn::Module {
     if (!is_training())  // eval: the running statistics, no communication
       return torch::batch_norm(x, weight, bias, running_mean, running_var, false, 0.1, 1e-5, false);
     return SyncBatchNormFunction::apply(x, weight, bias, running_mean, running_var,
-                                        reinterpret_cast<int64_t>(comm), 0.1, 1e-5);
+                                        reinterpret_cast<int64_t>(comm), layer, 0.1, 1e-5);
   }
   syncbn::Communicator* comm;
+  int64_t layer;
   at::Tensor weight, bias, running_mean, running_var;
 };
 TORCH_MODULE(SyncBatchNorm2d);

@@ -31,7 +31,7 @@ class SyncBatchNorm final : public mlp::BatchNorm {
     syncbn::ForwardOptions opt;  // axis 1: the channels of (rows, C)
     opt.momentum = kMomentum;
     opt.eps = kEps;
-    (void)layer_;  // TODO(layer id): opt.layer = layer_;
+    opt.layer = layer_;  // the same id on every rank: the collective's fingerprint
     const auto w = mlp::view(weight), b = mlp::view(bias);
     const auto rm = mlp::view(running_mean), rv = mlp::view(running_var);
     // One all-reduce; returns the global count per channel (needed by the backward).
@@ -42,6 +42,7 @@ class SyncBatchNorm final : public mlp::BatchNorm {
   void backward(const mlp::Mat& dy, mlp::Mat& dx) override {
     syncbn::BackwardOptions opt;
     opt.count = count_;
+    opt.layer = layer_;
     const auto w = mlp::view(weight), dxv = mlp::view(dx);
     const auto gw = mlp::view(grad_weight), gb = mlp::view(grad_bias);
     // One all-reduce for dx; grad_weight / grad_bias are this rank's (summed with the rest).

@@ -204,14 +204,17 @@ def _channels_of_buffer(buffer) -> int:
     return max(0, (int(n[0]) - 1 - FINGERPRINT_SLOTS) // 2) if len(n) == 1 else 0
 
 
-def batch_norm_stats(x, axis=1, *, layer=0):
+def batch_norm_stats(x, axis=1, *, layer=0, call=0):
     """Local partial statistics of x, packed ready to all-reduce: a float64 buffer
     ``[n*mean (C) | M2 + n*mean^2 (C) | n | fingerprint (16)]`` (see
-    core/internal/syncbn/math.h and ops.h). ``layer``: as in :func:`batch_norm_forward`."""
+    core/internal/syncbn/math.h and ops.h). ``layer``, ``call``: the layer's identity
+    (as in :func:`batch_norm_forward`) and this call's number, if you count your calls:
+    both go into the fingerprint, which the other primitives check."""
     axis = _axis(axis, x)
     buf = _arrays.vector(stats_buffer_size(_arrays.channels(x, axis)), x)
     _core.batch_norm_stats(_arrays.export(x, "x"), axis, _arrays.export(buf),
-                           _arrays.prepare(x), _int(layer, "layer"), "", _fingerprint)
+                           _arrays.prepare(x), _int(layer, "layer"), "", _fingerprint,
+                           _int(call, "call"))
     return buf
 
 
@@ -252,7 +255,7 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, *, axis=1):
 
 
 def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1, weight_grad=True,
-                               bias_grad=True, layer=0):
+                               bias_grad=True, layer=0, call=0):
     """Local ``sums = [sum(dy) | sum(dy * (x - mean)) | n | fingerprint]`` (float64, the
     length of :func:`stats_buffer_size`, ready to all-reduce) and this rank's
     ``grad_weight``, ``grad_bias`` (float64, or None)."""
@@ -264,7 +267,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, axis=1, weight_grad=True,
     gb = _arrays.vector(C, x) if bias_grad else None
     _core.batch_norm_backward_reduce(ex(dy, "dy"), ex(x, "x"), axis, ex(mean, "mean"),
                                      ex(invstd, "invstd"), ex(sums), ex(gw), ex(gb),
-                                     _arrays.prepare(x), _int(layer, "layer"), "", _fingerprint)
+                                     _arrays.prepare(x), _int(layer, "layer"), "", _fingerprint,
+                                     _int(call, "call"))
     return sums, gw, gb
 
 

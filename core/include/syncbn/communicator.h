@@ -2,10 +2,34 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 
 #include "syncbn/tensor.h"
 
 namespace syncbn {
+
+// Each layer's count of synchronized calls through one communicator, per direction
+// (forward statistics 0, backward sums 1): the call number in the collective fingerprint
+// (ops.h). Kept per communicator so that ranks sharing a process (threads, each with its
+// own communicator object) count apart. Thread-safe.
+class CallCounts {
+ public:
+  int64_t next(int64_t layer, int direction) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ++n_[direction & 1][layer];
+  }
+  // Takes a call back (every rank does, when they disagreed on it), if it is the last.
+  void forget(int64_t layer, int direction, int64_t call) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t& n = n_[direction & 1][layer];
+    if (n == call) --n;
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<int64_t, int64_t> n_[2];
+};
 
 class Communicator {
  public:
@@ -23,6 +47,11 @@ class Communicator {
   // Whether allreduce_sum is ordered on the caller's stream (NCCL). When not, a device
   // backend synchronizes the stream before handing it a device buffer (CUDA-aware MPI).
   virtual bool stream_ordered() const { return false; }
+  // The layers' call counts of the collectives syncbn runs through this communicator.
+  CallCounts& call_counts() { return counts_; }
+
+ private:
+  CallCounts counts_;
 };
 
 // World of one: the all-reduce is the identity.

@@ -33,12 +33,16 @@ inline int64_t backward_buffer_size(int64_t channels) {
 struct CollectiveKey {
   // The layer's identity, the same on every rank that builds the same model (e.g. its
   // index among the SyncBN layers built by this process); 0 for functional calls. The
-  // core counts each layer's synchronized calls per direction itself.
+  // composed ops count each layer's synchronized calls per direction on the communicator
+  // (Communicator::call_counts).
   int64_t layer = 0;
   const char* layer_name = nullptr;  // for error messages (e.g. the module's path)
-  // Check the fingerprint (on by default). Must be the same on every rank: a rank that
-  // does not check sends an empty fingerprint, which the checking ranks reject.
+  // Judge the fingerprint (on by default). The fingerprint is sent either way, so ranks
+  // that judge it still stop a rank that disagrees.
   bool verify = true;
+  // The primitives only: the call number in the fingerprint (the composed ops and
+  // allreduce_checked count each layer's calls on the communicator themselves).
+  int64_t call = 0;
 };
 
 // 1. Local partial statistics of x along `axis`, packed ready to all-reduce.
@@ -109,7 +113,7 @@ struct ForwardOptions {
   int64_t layer = 0;
   const char* layer_name = nullptr;
   bool verify = true;
-  CollectiveKey key() const { return {layer, layer_name, verify}; }
+  CollectiveKey key() const { return {layer, layer_name, verify, 0}; }
 };
 
 // Whole forward: stats -> one all-reduce -> checks -> gather (+running stats) -> elemt in
@@ -133,7 +137,7 @@ struct BackwardOptions {
   int64_t layer = 0;  // as in ForwardOptions
   const char* layer_name = nullptr;
   bool verify = true;
-  CollectiveKey key() const { return {layer, layer_name, verify}; }
+  CollectiveKey key() const { return {layer, layer_name, verify, 0}; }
 };
 
 // Whole backward: local reduce -> (one all-reduce if dx is wanted in training) -> checks
