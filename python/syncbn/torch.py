@@ -546,7 +546,8 @@ def convert_sync_batchnorm(module, process_group=None, *, comm=None, _path=""):
         _copy_state(module, out)
         if kind in timm:
             out.drop, out.act = module.drop, module.act
-        out._converted_from = kind if kind is not torch.nn.SyncBatchNorm else None
+        out._converted_from = (None if kind is torch.nn.SyncBatchNorm else
+                               timm[0] if kind in timm else kind)  # timm: BatchNormAct2d
         out.layer_name = _path or kind.__name__
     elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         warnings.warn(f"convert_sync_batchnorm: left {type(module).__qualname__} unconverted: "
