@@ -123,18 +123,22 @@ static fp::DeviceCheck device_check(int op, double ranks, double local_count, bo
 
 // ---- stats / backward_reduce: exact with integer data ---------------------------------
 
+// nonfinite_first: each channel's first element is +inf, -inf or NaN, whose shift is 0
+// (moment_shift): a channel of +inf keeps a mean of +inf instead of inf - inf = NaN.
 template <class T>
-void test_stats(Geo G, int64_t off, bool integers) {
+void test_stats(Geo G, int64_t off, bool integers, bool nonfinite_first = false) {
   const Geometry g{G.o, G.c, G.i};
   const int64_t numel = G.o * G.c * G.i, C = G.c, n = C > 0 ? G.o * G.i : 0;
   Buf<T> x(numel, off);
   fill(x.data(), numel, integers);
+  for (int64_t c = 0; nonfinite_first && n > 0 && c < C; ++c)
+    store<double>(x.data() + c * G.i, c % 3 == 0 ? INFINITY : c % 3 == 1 ? -INFINITY : NAN);
   Buf<double> buf(2 * C + 1);
   cuda::batch_norm_stats(x.data(), dtype_of<T>(), g, buf.data(), nullptr);
   for (int64_t c = 0; c < C; ++c) {
     double shift = 0, t1 = 0, t2 = 0;
     if (n > 0) {
-      shift = load<double>(x.data() + c * G.i);
+      shift = moment_shift(load<double>(x.data() + c * G.i));
       for (int64_t o = 0; o < G.o; ++o)
         for (int64_t i = 0; i < G.i; ++i) {
           const double d = load<double>(x.data() + (o * C + c) * G.i + i) - shift;
@@ -665,6 +669,10 @@ int main(int argc, char** argv) {
     }
   }
   test_invstd();
+  for (size_t k = 0; k < 12 && k < geos.size(); ++k) {
+    test_stats<float>(geos[k], 0, true, true);
+    test_stats<half_t>(geos[k], 1, true, true);
+  }
   for (Fault f : kFaults)
     for (bool verify : {true, false}) {
       if (f != Fault::CountDiffers)
