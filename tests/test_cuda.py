@@ -268,7 +268,10 @@ def test_cuda_orchestration_runs_correctly_under_cpu_emulation(tmp_path):
     a float64 reference of the global batch, the CPU path, and forward/backward against the
     composed primitives. Run alone (LocalCommunicator under emulated CUDA-graph capture: no
     sync, no host copy; fake communicators of each kind) and under `mpiexec -n 3`
-    (MpiCommunicator, uneven ranks, one of them empty)."""
+    (MpiCommunicator, uneven ranks, one of them empty). Fingerprinted collectives: the
+    device's fingerprint equals the CPU path's; faults (ranks that disagree, a broken sum)
+    give NaN on the stream or the host path's exception with nothing written; under MPI a
+    real disagreement raises CollectiveMismatchError on every rank, which then go on."""
     import os
     import subprocess
     import sys

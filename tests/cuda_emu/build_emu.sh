@@ -14,6 +14,6 @@ g++ -std=c++17 -O2 -g -Wall -Wno-unknown-pragmas -Wno-sign-compare "$@" -DEMU_GR
   -I "$HERE/shim" -I "$EMU_OUT/src" -I "$ROOT/core/include" -I "$ROOT/core/internal" \
   $S/batch_norm_stats.cpp $S/batch_norm_gather_stats.cpp $S/batch_norm_elemt.cpp \
   $S/batch_norm_backward_reduce.cpp $S/batch_norm_backward_elemt.cpp $S/copy_strided.cpp \
-  $S/vectors.cpp $ROOT/core/src/tensor.cpp "$HERE/test_kernels.cpp" -o "$EMU_OUT/test_kernels"
+  $S/vectors.cpp $ROOT/core/src/tensor.cpp $ROOT/core/src/collective.cpp "$HERE/test_kernels.cpp" -o "$EMU_OUT/test_kernels"
 "$EMU_OUT/test_kernels"
 "$EMU_OUT/test_kernels" big

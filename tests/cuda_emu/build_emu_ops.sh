@@ -54,7 +54,7 @@ for f in ops batch_norm_stats batch_norm_gather_stats batch_norm_elemt \
          batch_norm_backward_reduce batch_norm_backward_elemt copy_strided vectors; do
   spawn "cuda_$f.o" "$S/$f.cpp" "${EMU_INC[@]}"
 done
-for f in build_config device_backend tensor ops cpu/threads cpu/batch_norm_stats \
+for f in build_config collective device_backend tensor ops cpu/threads cpu/batch_norm_stats \
          cpu/batch_norm_elemt cpu/batch_norm_backward_reduce cpu/batch_norm_backward_elemt \
          comm/mpi; do
   spawn "core_${f//\//_}.o" "$ROOT/core/src/$f.cpp" "${CORE_INC[@]}"

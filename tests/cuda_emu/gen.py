@@ -2,14 +2,14 @@
 turned into ::emu::launch(cfg, [&] { kernel(args); }) and *.cu renamed *.cpp, so g++ can
 build and run them: the kernels (build_emu.sh) and ops.cu, the orchestration, whose CUDA
 runtime calls the shim emulates too (build_emu_ops.sh). The headers they include from
-core/src (dispatch.h, layout.h) are copied beside."""
+core/src (dispatch.h, layout.h, collective.h) are copied beside."""
 import os
 import shutil
 
 src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "core", "src")
 out = os.environ.get("EMU_OUT", "/tmp/syncbn_emu") + "/src"
 os.makedirs(out + "/cuda", exist_ok=True)
-for h in ("dispatch.h", "layout.h"):
+for h in ("dispatch.h", "layout.h", "collective.h"):
     shutil.copy(src + "/" + h, out + "/" + h)
 
 def kernel_start(s, i):

@@ -8,12 +8,18 @@
 // device, no host synchronization or host<->device copy when the communicator is
 // stream-ordered (run under emulated CUDA-graph capture), exactly the staging copies and
 // syncs otherwise, and the stream drained before a communicator reads a buffer.
+// The collective format (ops.h, collective.h): the fingerprint a device sends equals the
+// CPU path's bit for bit; ranks that disagree or a communicator that breaks the sum give
+// NaN results on the stream (stream-ordered) or the host path's exception with nothing
+// written (host-checked), and under MPI every rank raises the same error and goes on.
 //
 // usage: test_ops local   LocalCommunicator and in-process fake communicators (world of 1)
 //        mpiexec -n 3 test_ops mpi   MpiCommunicator(MPI_COMM_WORLD), uneven ranks, one empty
 // Prints "<N> checks, <F> failures ..." per rank; exits nonzero on a failure.
 #include <cuda_runtime.h>  // the emulation shim: emu::st()
 #include <mpi.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "collective.h"  // the slot layout behind the payload, for fault injection
 #include "dispatch.h"
 #include "syncbn/communicator.h"
 #include "syncbn/device_backend.h"
@@ -292,6 +299,50 @@ static void check_gaps(const char* what, const Arr& a) {
   EXPECT(n == 0, "%s: %ld bytes written outside the view's elements", what, n);
 }
 
+// The first n elements of a 1-D array (a copy of it, for reading).
+static P head(const Arr& a, int64_t n) {
+  P b = twin(a, a.v.device);
+  b->v.shape[0] = n;
+  b->offs.resize(size_t(n));
+  return b;
+}
+
+// One rank's fingerprint slots behind a buffer's payload and count (collective.h): one
+// rank, the non-finite flag, v_0 = the operation, v_j bytes, and their squares.
+static void check_local_slots(const char* what, const Arr& buf, int64_t C, int op, bool nonfinite) {
+  const int64_t s = 2 * C + 1;
+  int bad = 0;
+  bad += buf.get(s + fp::kRanks) != 1;
+  bad += buf.get(s + fp::kNonFinite) != (nonfinite ? 1 : 0);
+  bad += buf.get(s + fp::kSum) != op;
+  for (int j = 0; j < fp::kChunks; ++j) {
+    const double v = buf.get(s + fp::kSum + j);
+    bad += !(v >= 0 && v <= 255 && v == std::floor(v)) || buf.get(s + fp::kSumSq + j) != v * v;
+  }
+  EXPECT(bad == 0, "%s: %d fingerprint slots are not one rank's (ranks %g, flag %g, op %g)", what,
+         bad, buf.get(s + fp::kRanks), buf.get(s + fp::kNonFinite), buf.get(s + fp::kSum));
+}
+
+// The fingerprint slots of one rank's buffer for C channels from the CPU path: `op` 1 the
+// stats of batch_norm_stats, 2 the sums of batch_norm_backward_reduce, of layer `layer`.
+static Vec cpu_slots(int op, int64_t C, int64_t layer) {
+  const Device cpu{DeviceType::CPU, 0};
+  P x = make(DType::Float32, cpu, {2, C, 3}), buf = vec(DType::Float64, cpu, stats_buffer_size(C));
+  fill(*x, [](int64_t e) { return double(e % 5); });
+  CollectiveKey key;
+  key.layer = layer;
+  if (op == 1) {
+    batch_norm_stats(x->v, 1, buf->v, nullptr, key);
+  } else {
+    P m = vec(DType::Float64, cpu, C), is = vec(DType::Float64, cpu, C);
+    fill(*m, [](int64_t) { return 1.0; });
+    fill(*is, [](int64_t) { return 1.0; });
+    batch_norm_backward_reduce(x->v, x->v, 1, m->v, is->v, buf->v, nullptr, nullptr, nullptr, key);
+  }
+  const Vec b = buf->values();
+  return Vec(b.end() - kFingerprintSlots, b.end());
+}
+
 // ---- communicators -----------------------------------------------------------------------
 
 // Wraps a real communicator (forwarding accepts / stream_ordered) or fakes a world of K
@@ -307,6 +358,10 @@ class TestComm final : public Communicator {
   void* stream = nullptr;
   bool in_device_call = false;
   long calls = 0, undrained = 0, bad = 0;
+  // Fault injection: rewrites the reduced buffer (what this rank sent: `sent`), as a
+  // disagreeing rank or a broken communicator would leave it.
+  std::function<void(const Vec& sent, double* reduced, int64_t n)> fault;
+  std::vector<Vec>* record = nullptr;  // what this rank sends, call by call
 
   int rank() const override { return inner ? inner->rank() : 0; }
   int size() const override { return inner ? inner->size() : K; }
@@ -315,10 +370,13 @@ class TestComm final : public Communicator {
     const bool device = dev.type != DeviceType::CPU;
     if (device && (!accepts(dev) || s != stream)) ++bad;
     if (in_device_call && (!device || !stream_ordered()) && !emu::is_stream_drained()) ++undrained;
+    const Vec sent(d, d + n);
+    if (record) record->push_back(sent);
     if (inner)
       inner->allreduce_sum(d, n, dev, s);
     else
       for (int64_t i = 0; i < n; ++i) d[i] *= K;
+    if (fault) fault(sent, d, n);
   }
   const char* kind() const override { return name; }
   bool accepts(Device d) const override {
@@ -354,9 +412,12 @@ static Counters counters(const World& w) {
 }
 
 // One call of the public API on device views, with the emulated runtime checked around it.
-// collectives: all-reduces the call must make; returns false if it threw.
+// collectives: all-reduces the call must make; checked: whether the composed op checks
+// what comes back on the host where it holds it (a device communicator that is not
+// stream-ordered: one more sync and a D2H copy; the all-reduce primitive does not check).
+// Returns false if it threw.
 static bool device_call(World& w, int dev_id, const char* what, int collectives, bool expect_work,
-                        const std::function<void()>& fn) {
+                        const std::function<void()>& fn, bool checked = true) {
   emu::State& s = emu::st();
   EXPECT(s.device == 0, "%s: current device %d before the call", what, s.device);
   s.check_stream = true;
@@ -400,9 +461,10 @@ static bool device_call(World& w, int dev_id, const char* what, int collectives,
              "%s (stream-ordered comm): %ld syncs %ld D2H %ld H2D", what, syncs, d2h, h2d);
       break;
     case Staging::Unordered:
-      EXPECT(syncs == collectives && d2h == 0 && h2d == 0,
-             "%s (device, unordered comm): %ld syncs %ld D2H %ld H2D for %d all-reduces", what,
-             syncs, d2h, h2d, collectives);
+      EXPECT(syncs == (checked ? 2 : 1) * collectives && d2h == (checked ? collectives : 0) &&
+                 h2d == 0,
+             "%s (device, unordered comm): %ld syncs %ld D2H %ld H2D for %d all-reduces%s", what,
+             syncs, d2h, h2d, collectives, checked ? " checked on the host" : "");
       break;
     case Staging::Host:
       EXPECT(syncs == 2 * collectives && d2h == collectives && h2d == collectives,
@@ -724,7 +786,8 @@ static void run_case(const Case& c, World& w) {
 
   // ---- the primitives, composed, equal forward()/backward() bit for bit ---------------------
   if (!c.primitives || !c.training) return;
-  P buf = vec(DType::Float64, dev, 2 * C + 1), buf2 = vec(DType::Float64, dev, 2 * C + 1, 2);
+  const int64_t len = stats_buffer_size(C);
+  P buf = vec(DType::Float64, dev, len), buf2 = vec(DType::Float64, dev, len, 2);
   P mean_p = vec(DType::Float64, dev, C, c.sstride), inv_p = vec(DType::Float64, dev, C, c.sstride);
   P var_p = vec(DType::Float64, dev, C), y_p = make(c.dt, dev, ls, c.y);
   P rm_p = rm ? vec(c.rdt, dev, C, c.rstride) : nullptr,
@@ -737,8 +800,16 @@ static void run_case(const Case& c, World& w) {
               [&] { batch_norm_stats(x->v, c.axis, buf->v, kStream); });
   device_call(w, c.dev_id, "batch_norm_stats (stride-2 buffer)", 0, true,
               [&] { batch_norm_stats(x->v, c.axis, buf2->v, kStream); });
-  check_same_bits("stats into a stride-2 buffer", *buf2, *buf);
+  check_same_bits("stats into a stride-2 buffer", *head(*buf2, 2 * C + 1), *head(*buf, 2 * C + 1));
+  check_local_slots("stats buffer (stride 2)", *buf2, C, 1, false);
+  {  // the second call of the same layer: another call count, another fingerprint
+    int differ = 0;
+    for (int j = 1; j < fp::kChunks; ++j)
+      differ += buf->get(2 * C + 1 + fp::kSum + j) != buf2->get(2 * C + 1 + fp::kSum + j);
+    EXPECT(differ > 0, "two calls of one layer gave the same fingerprint");
+  }
   check_gaps("stats buffer (stride 2)", *buf2);
+  check_local_slots("stats buffer", *buf, C, 1, false);
   {  // local moments: P1 = sum x, P2 = sum x^2 over this rank's part, n
     Vec ref = zeros(2 * C + 1);
     for (int64_t e = 0; e < numel_l; ++e) {
@@ -747,10 +818,11 @@ static void run_case(const Case& c, World& w) {
       ref[size_t(C + chan(e))] += v * v;
     }
     ref[size_t(2 * C)] = double(C ? numel_l / C : 0);
-    check_vals("local stats buffer", *buf, ref, 1e-10);
+    check_vals("local stats buffer", *head(*buf, 2 * C + 1), ref, 1e-10);
     EXPECT(buf->get(2 * C) == ref[size_t(2 * C)], "local count %g", buf->get(2 * C));
   }
-  device_call(w, c.dev_id, "allreduce", 1, false, [&] { allreduce(buf->v, *w.comm, kStream); });
+  device_call(
+      w, c.dev_id, "allreduce", 1, false, [&] { allreduce(buf->v, *w.comm, kStream); }, false);
   EXPECT(buf->get(2 * C) == double(cnt), "all-reduced count %g, expected %ld", buf->get(2 * C),
          cnt);
   double gret = 0;
@@ -780,7 +852,7 @@ static void run_case(const Case& c, World& w) {
   if (!c.inplace) check_same_bits("elemt y vs forward y", *y_p, *y);
   check_vals("elemt y", *y_p, y_ref, tol_ref(c.dt));
   check_gaps("elemt y", *y_p);
-  P sums = vec(DType::Float64, dev, 2 * C);
+  P sums = vec(DType::Float64, dev, backward_buffer_size(C));
   P gw_p = c.want_gw ? vec(c.gdt, dev, C, c.gstride) : nullptr;
   P gb_p = c.want_gb ? vec(c.gdt, dev, C, c.gstride) : nullptr;
   fill(*sums, [](int64_t) { return -777.0; });
@@ -794,12 +866,16 @@ static void run_case(const Case& c, World& w) {
       ref[size_t(k)] = sdy_l[size_t(k)], ref[size_t(C + k)] = sdx_l[size_t(k)];
       sc[size_t(k)] = bscale[size_t(k)], sc[size_t(C + k)] = gscale[size_t(k)] / is[size_t(k)];
     }
-    check_vals("backward_reduce sums", *sums, ref, 1e-10, &sc);
+    check_vals("backward_reduce sums", *head(*sums, 2 * C), ref, 1e-10, &sc);
+    EXPECT(sums->get(2 * C) == double(C ? numel_l / C : 0), "backward_reduce count %g",
+           sums->get(2 * C));
+    check_local_slots("backward_reduce sums", *sums, C, 2, false);
   }
   if (gw_p) check_same_bits("backward_reduce grad_weight vs backward", *gw_p, *gw);
   if (gb_p) check_same_bits("backward_reduce grad_bias vs backward", *gb_p, *gb);
-  device_call(w, c.dev_id, "allreduce (sums)", 1, false,
-              [&] { allreduce(sums->v, *w.comm, kStream); });
+  device_call(
+      w, c.dev_id, "allreduce (sums)", 1, false, [&] { allreduce(sums->v, *w.comm, kStream); },
+      false);
   if (!c.want_dx) return;
   P dx_p = make(c.dt, dev, ls, c.dx);
   fill(*dx_p, [](int64_t) { return -777.0; });
@@ -952,8 +1028,14 @@ static void test_gather_small_counts(World& w) {
   const int64_t C = 5;
   for (double N : {0.0, 1.0}) {
     g_ctx = w.name + "/gather_count_" + std::to_string(int(N));
-    P buf = vec(DType::Float64, dev, 2 * C + 1);
-    fill(*buf, [&](int64_t k) { return k == 2 * C ? N : (k < C ? 1.5 * N * double(k) : 2.5 * N); });
+    // A reduced buffer of one rank: its fingerprint slots from batch_norm_stats.
+    P buf = vec(DType::Float64, dev, stats_buffer_size(C));
+    const Vec slots = cpu_slots(1, C, 779);
+    fill(*buf, [&](int64_t k) {
+      return k > 2 * C    ? slots[size_t(k - 2 * C - 1)]
+             : k == 2 * C ? N
+                          : (k < C ? 1.5 * N * double(k) : 2.5 * N);
+    });
     P mean = vec(DType::Float64, dev, C), inv = vec(DType::Float32, dev, C, 2),
       var = vec(DType::Float64, dev, C, 3);
     P rm = vec(DType::BFloat16, dev, C), rv = vec(DType::BFloat16, dev, C);
@@ -994,11 +1076,12 @@ static void test_stats_of_empty_batch(World& w) {
   const Device dev{DeviceType::CUDA, 0};
   P x = make(DType::Float16, dev, {0, 3, 4});
   for (int64_t stride : {1, 2}) {
-    P buf = vec(DType::Float64, dev, 7, stride);
+    P buf = vec(DType::Float64, dev, stats_buffer_size(3), stride);
     fill(*buf, [](int64_t) { return -777.0; });
-    device_call(w, 0, "batch_norm_stats (empty)", 0, false,
+    device_call(w, 0, "batch_norm_stats (empty)", 0, true,
                 [&] { batch_norm_stats(x->v, 1, buf->v, kStream); });
-    check_vals("stats of an empty batch", *buf, zeros(7), 0.0);
+    check_vals("stats of an empty batch", *head(*buf, 7), zeros(7), 0.0);
+    check_local_slots("stats of an empty batch", *buf, 3, 1, false);
     check_gaps("stats buffer", *buf);
   }
 }
@@ -1122,6 +1205,608 @@ static void test_zero_channels(World& w) {
   check_gaps("save_count", *sc);
 }
 
+// ---- fingerprints, faults, NaN/inf parity ------------------------------------------------------
+
+enum class Thrown { Nothing, Mismatch, Comm, Other };
+static const char* thrown_name(Thrown t) {
+  switch (t) {
+    case Thrown::Nothing: return "nothing";
+    case Thrown::Mismatch: return "CollectiveMismatchError";
+    case Thrown::Comm: return "CommError";
+    case Thrown::Other: return "another exception";
+  }
+  return "?";
+}
+
+// A device call that may throw: which exception (and its message), with the emulated
+// runtime checked around it as device_call does (no leak, the caller's stream and device,
+// the device restored, the stream drained before a communicator read outside it).
+static Thrown throwing_call(World& w, const char* what, const std::function<void()>& fn,
+                            std::string* msg = nullptr) {
+  emu::State& s = emu::st();
+  s.check_stream = true;
+  s.stream = kStream;
+  s.expect_device = 0;
+  s.capturing = w.capture;
+  if (w.probe) w.probe->in_device_call = true, w.probe->stream = kStream;
+  const Counters a = counters(w);
+  Thrown t = Thrown::Nothing;
+  try {
+    fn();
+  } catch (const CollectiveMismatchError& e) {
+    t = Thrown::Mismatch;
+    if (msg) *msg = e.what();
+  } catch (const CommError& e) {
+    t = Thrown::Comm;
+    if (msg) *msg = e.what();
+  } catch (const std::exception& e) {
+    t = Thrown::Other;
+    if (msg) *msg = e.what();
+  }
+  s.capturing = false;
+  s.check_stream = false;
+  s.expect_device = -1;
+  if (w.probe) w.probe->in_device_call = false;
+  const Counters b = counters(w);
+  EXPECT(s.mallocs == s.frees, "%s: workspace leak: %ld mallocs, %ld frees", what,
+         b.mallocs - a.mallocs, b.frees - a.frees);
+  EXPECT(b.wrong_stream == a.wrong_stream && b.wrong_device == a.wrong_device,
+         "%s: work on another stream or device", what);
+  EXPECT(s.device == 0, "%s: the current device was left at %d", what, s.device);
+  EXPECT(s.last == cudaSuccess, "%s: a launch error was left pending", what);
+  EXPECT(b.undrained == a.undrained && b.bad == a.bad,
+         "%s: the communicator read an undrained stream or got a buffer it does not take", what);
+  return t;
+}
+
+// Runs fn in a child process, a copy of this one (so the same per-layer call counters),
+// and returns the doubles it produced. Local mode only (no MPI in the child).
+static bool in_child(const std::function<Vec()>& fn, Vec* out) {
+  std::fflush(stdout);
+  int fds[2];
+  if (pipe(fds) != 0) return false;
+  const pid_t pid = fork();
+  if (pid < 0) return false;
+  if (pid == 0) {
+    close(fds[0]);
+    Vec v;
+    try {
+      v = fn();
+    } catch (...) {
+      _exit(3);
+    }
+    const uint64_t n = v.size();
+    bool ok = write(fds[1], &n, sizeof n) == ssize_t(sizeof n);
+    for (size_t done = 0; ok && done < n * sizeof(double);) {
+      const ssize_t k =
+          write(fds[1], reinterpret_cast<const char*>(v.data()) + done, n * sizeof(double) - done);
+      ok = k > 0;
+      done += size_t(k > 0 ? k : 0);
+    }
+    _exit(ok ? 0 : 4);
+  }
+  close(fds[1]);
+  uint64_t n = 0;
+  bool ok = read(fds[0], &n, sizeof n) == ssize_t(sizeof n);
+  out->assign(ok ? size_t(n) : 0, 0.0);
+  for (size_t done = 0; ok && done < n * sizeof(double);) {
+    const ssize_t k =
+        read(fds[0], reinterpret_cast<char*>(out->data()) + done, n * sizeof(double) - done);
+    ok = k > 0;
+    done += size_t(k > 0 ? k : 0);
+  }
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// The buffers one rank hands to the communicator, device vs the CPU path, for the same
+// calls of one layer (the CPU path runs in a forked copy of this process, so its calls
+// have the same call counts): the count and the fingerprint slots are equal bit for bit,
+// the payload to rounding; the non-finite flag is set exactly when an input (x forward,
+// x or dy backward) holds an inf or a NaN. Four buffers: batch_norm_stats,
+// forward's all-reduce, batch_norm_backward_reduce, backward's all-reduce.
+struct ParityCase {
+  const char* name;
+  std::vector<int64_t> shape;
+  int axis;
+  DType dt;
+  Lay lay;
+  int64_t x_bad, dy_bad;  // an element set to inf (x) / NaN (dy), or -1
+};
+static void test_fingerprint_parity() {
+  const ParityCase cases[] = {
+      {"finite_nchw", {4, 5, 6}, 1, DType::Float32, Lay{}, -1, -1},
+      {"x_inf_channels_last", {3, 4, 2, 5}, -1, DType::Float32, Lay{}, 17, -1},
+      {"dy_nan_float16", {5, 3, 7}, 1, DType::Float16, strided(2), -1, 40},
+      {"x_nan_first_c1", {6, 1, 4}, 1, DType::BFloat16, Lay{}, 0, -1},
+  };
+  int64_t layer = 5000;
+  for (const ParityCase& pc : cases) {
+    g_ctx = std::string("fingerprint_parity/") + pc.name;
+    ++layer;
+    auto run = [&](DeviceType dt_dev) {
+      const Device d{dt_dev, 0};
+      const bool on_dev = dt_dev != DeviceType::CPU;
+      const int nd = int(pc.shape.size()), ax = pc.axis < 0 ? pc.axis + nd : pc.axis;
+      const int64_t C = pc.shape[size_t(ax)];
+      P x = make(pc.dt, d, pc.shape, pc.lay), dy = make(pc.dt, d, pc.shape, pc.lay);
+      P y = make(pc.dt, d, pc.shape), dx = make(pc.dt, d, pc.shape);
+      fill(*x, [&](int64_t e) { return e == pc.x_bad ? INFINITY : double((e * 7) % 11) - 3; });
+      fill(*dy, [&](int64_t e) { return e == pc.dy_bad ? NAN : double((e * 5) % 9) * 0.25 - 1; });
+      P buf = vec(DType::Float64, d, stats_buffer_size(C));
+      P sums = vec(DType::Float64, d, backward_buffer_size(C));
+      P sm = vec(DType::Float64, d, C), si = vec(DType::Float64, d, C),
+        sc = vec(DType::Float64, d, 1);
+      TestComm rec;  // one rank, takes device buffers on the stream; records what it is sent
+      rec.K = 1, rec.device_ok = true, rec.ordered = true, rec.stream = kStream;
+      std::vector<Vec> sent;
+      rec.record = &sent;
+      CollectiveKey key;
+      key.layer = layer;
+      void* stream = on_dev ? kStream : nullptr;
+      batch_norm_stats(x->v, pc.axis, buf->v, stream, key);
+      ForwardOptions fo;
+      fo.axis = pc.axis, fo.stream = stream, fo.layer = layer;
+      const double count =
+          forward(x->v, nullptr, nullptr, nullptr, nullptr, fo, rec, y->v, sm->v, si->v, &sc->v);
+      batch_norm_backward_reduce(dy->v, x->v, pc.axis, sm->v, si->v, sums->v, nullptr, nullptr,
+                                 stream, key);
+      BackwardOptions bo;
+      bo.axis = pc.axis, bo.stream = stream, bo.layer = layer;
+      bo.count = on_dev ? NAN : count;
+      bo.count_view = on_dev ? &sc->v : nullptr;
+      backward(dy->v, x->v, sm->v, si->v, nullptr, bo, rec, &dx->v, nullptr, nullptr);
+      Vec all = buf->values();
+      for (const Vec& v : sent) all.insert(all.end(), v.begin(), v.end());
+      const Vec s = sums->values();
+      all.insert(all.end(), s.begin(), s.end());
+      return all;
+    };
+    Vec host;
+    const bool child_ok = in_child([&] { return run(DeviceType::CPU); }, &host);
+    EXPECT(child_ok, "the CPU path failed in the child process");
+    Vec dev;
+    try {
+      dev = run(DeviceType::CUDA);
+    } catch (const std::exception& e) {
+      unexpected("device path", e);
+    }
+    const int nd = int(pc.shape.size()), ax = pc.axis < 0 ? pc.axis + nd : pc.axis;
+    const int64_t C = pc.shape[size_t(ax)], L = stats_buffer_size(C);
+    EXPECT(host.size() == size_t(4 * L) && dev.size() == host.size(),
+           "buffers: device %zu values, CPU %zu, expected 4 x %ld", dev.size(), host.size(), L);
+    if (!child_ok || dev.size() != host.size() || host.size() != size_t(4 * L)) continue;
+    // all: [stats | forward sent | backward sent | backward_reduce sums]
+    const char* names[] = {"batch_norm_stats", "forward's all-reduce", "backward's all-reduce",
+                           "batch_norm_backward_reduce"};
+    const int ops[] = {1, 1, 2, 2};
+    for (int b = 0; b < 4; ++b) {
+      const double* hb = &host[size_t(b * L)];
+      const double* db = &dev[size_t(b * L)];
+      int bad_slots = 0, bad_payload = 0;
+      for (int64_t i = 2 * C; i < L; ++i) bad_slots += std::memcmp(hb + i, db + i, 8) != 0;
+      for (int64_t i = 0; i < 2 * C; ++i) {
+        const double h = hb[i], g = db[i];
+        bad_payload += !((std::isnan(h) && std::isnan(g)) || h == g ||
+                         std::fabs(h - g) <= 1e-12 * std::max(1.0, std::fabs(h)));
+      }
+      EXPECT(bad_slots == 0, "%s: %d of the count and fingerprint slots differ from the CPU path's",
+             names[b], bad_slots);
+      EXPECT(bad_payload == 0, "%s: %d payload values differ from the CPU path's", names[b],
+             bad_payload);
+      const bool nonfinite = pc.x_bad >= 0 || (ops[b] == 2 && pc.dy_bad >= 0);
+      const double flag = db[2 * C + 1 + fp::kNonFinite];
+      EXPECT(flag == (nonfinite ? 1.0 : 0.0), "%s: non-finite flag %g, inputs %s", names[b], flag,
+             nonfinite ? "not finite" : "finite");
+      EXPECT(db[2 * C + 1 + fp::kRanks] == 1 && db[2 * C + 1 + fp::kSum] == ops[b],
+             "%s: ranks slot %g, operation %g", names[b], db[2 * C + 1 + fp::kRanks],
+             db[2 * C + 1 + fp::kSum]);
+    }
+  }
+}
+
+// What a fake communicator does to the reduced buffer: the last of its K ranks disagrees
+// (its fingerprint is another layer's, the previous call's, the other direction's), or the
+// sum is broken (the ranks slot, the count, a non-finite sum although no rank's payload
+// was, a backward count other than the forward's).
+enum class CommFault {
+  OtherLayer,
+  Behind,
+  OtherOp,
+  Ranks,
+  ZeroCount,
+  FractionCount,
+  NonFiniteSum,
+  CountOff
+};
+struct CommFaultInfo {
+  CommFault f;
+  const char* name;
+  bool mismatch;  // a fingerprint disagreement (else a broken sum)
+  bool channel;   // one channel only (the device poisons that channel alone)
+  bool forward;   // applies to the forward (CountOff: backward only)
+};
+static const CommFaultInfo kCommFaults[] = {
+    {CommFault::OtherLayer, "another_layer", true, false, true},
+    {CommFault::Behind, "a_call_behind", true, false, true},
+    {CommFault::OtherOp, "other_direction", true, false, true},
+    {CommFault::Ranks, "ranks_slot", false, false, true},
+    {CommFault::ZeroCount, "count_0", false, false, true},
+    {CommFault::FractionCount, "count_fraction", false, false, true},
+    {CommFault::NonFiniteSum, "nonfinite_sum_flag_0", false, true, true},
+    {CommFault::CountOff, "count_not_forwards", false, false, false},
+};
+constexpr int64_t kFaultChannel = 1;
+
+static void set_fault(TestComm& comm, CommFault f, int op, int64_t C, const Vec& prev) {
+  Vec other;
+  if (f == CommFault::OtherLayer) other = cpu_slots(op, C, 777);
+  if (f == CommFault::OtherOp) other = cpu_slots(3 - op, C, 778);
+  if (f == CommFault::Behind) other.assign(prev.end() - kFingerprintSlots, prev.end());
+  const int K = comm.K;
+  comm.fault = [=](const Vec& sent, double* d, int64_t n) {
+    double* s = d + 2 * C + 1;
+    EXPECT(n == stats_buffer_size(C), "fault: a buffer of %ld values for C=%ld", n, C);
+    switch (f) {
+      case CommFault::OtherLayer:
+      case CommFault::Behind:
+      case CommFault::OtherOp:  // K - 1 ranks sent this rank's slots, one sent `other`
+        for (int j = 0; j < kFingerprintSlots; ++j)
+          s[j] = s[j] - sent[size_t(2 * C + 1 + j)] + other[size_t(j)];
+        break;
+      case CommFault::Ranks: s[fp::kRanks] += 1; break;
+      case CommFault::ZeroCount: d[2 * C] = 0; break;
+      case CommFault::FractionCount: d[2 * C] += 0.5; break;
+      case CommFault::NonFiniteSum: d[kFaultChannel] = NAN; break;
+      case CommFault::CountOff: d[2 * C] += K; break;
+    }
+  };
+}
+
+// Faults through forward() and backward() on a fake world of comm.K ranks.
+// Stream-ordered (w.staging == Ordered, under emulated capture): nothing thrown, no host
+// sync or copy; a forward gives NaN y, save_mean/save_invstd and save_count and leaves
+// the running stats alone; a backward gives NaN dx (grad_weight/grad_bias are this rank's
+// local sums, written as without the fault); a non-finite sum with a non-finite flag of 0
+// poisons that channel alone (the others as without the fault). Checked on the host
+// (host staging, or a device communicator that is not stream-ordered):
+// CollectiveMismatchError for a disagreement (naming the layer and the direction),
+// CommError for a broken sum (naming the communicator), and nothing written: y,
+// save_mean/invstd/count, running stats, dx, grad_weight, grad_bias keep their sentinels.
+static void test_comm_faults(World& w, TestComm& comm) {
+  const Device dev{DeviceType::CUDA, 0};
+  const int64_t C = 3;
+  const std::vector<int64_t> shape = {4, C, 5};
+  const bool ordered = w.staging == Staging::Ordered;
+  P x = make(DType::Float32, dev, shape), dy = make(DType::Float32, dev, shape, strided(2));
+  fill(*x, [](int64_t e) { return double((e * 7) % 11) - 3; });
+  fill(*dy, [](int64_t e) { return double((e * 5) % 9) * 0.25 - 1; });
+  P wt = vec(DType::Float32, dev, C), bs = vec(DType::Float32, dev, C);
+  fill(*wt, [](int64_t k) { return 0.5 + 0.25 * double(k); });
+  fill(*bs, [](int64_t k) { return 0.125 * double(k); });
+  struct Outs {
+    P y, sm, si, sc, rm, rv, dx, gw, gb;
+  };
+  auto fresh = [&] {
+    Outs o;
+    o.y = make(DType::Float32, dev, shape), o.dx = make(DType::Float32, dev, shape);
+    o.sm = vec(DType::Float64, dev, C), o.si = vec(DType::Float64, dev, C, 2);
+    o.sc = vec(DType::Float64, dev, 1);
+    o.rm = vec(DType::Float16, dev, C), o.rv = vec(DType::Float32, dev, C);
+    o.gw = vec(DType::Float32, dev, C), o.gb = vec(DType::Float64, dev, C);
+    for (Arr* a :
+         {o.y.get(), o.dx.get(), o.sm.get(), o.si.get(), o.sc.get(), o.gw.get(), o.gb.get()})
+      fill(*a, [](int64_t) { return -777.0; });
+    fill(*o.rm, [](int64_t k) { return 0.5 - 0.25 * double(k); });
+    fill(*o.rv, [](int64_t k) { return 1.5 + double(k); });
+    return o;
+  };
+  const char* layer_name = "net.block1.bn";
+  ForwardOptions fo;
+  fo.stream = kStream, fo.layer = 42, fo.layer_name = layer_name;
+  auto fwd = [&](Outs& o) {
+    forward(x->v, &wt->v, &bs->v, &o.rm->v, &o.rv->v, fo, comm, o.y->v, o.sm->v, o.si->v, &o.sc->v);
+  };
+  auto bwd = [&](const Outs& from, Outs& o) {
+    BackwardOptions bo;
+    bo.stream = kStream, bo.layer = 42, bo.layer_name = layer_name;
+    bo.count = NAN;
+    bo.count_view = &from.sc->v;
+    backward(dy->v, x->v, from.sm->v, from.si->v, &wt->v, bo, comm, &o.dx->v, &o.gw->v, &o.gb->v);
+  };
+  // Without a fault, recording what this rank sends (the previous call, for Behind).
+  const std::string base = w.name + "/comm_faults/";
+  g_ctx = base + "clean";
+  std::vector<Vec> sent;
+  comm.fault = nullptr;
+  comm.record = &sent;
+  Outs clean = fresh();
+  device_call(w, 0, "forward (no fault)", 1, true, [&] { fwd(clean); });
+  device_call(w, 0, "backward (no fault)", 1, true, [&] { bwd(clean, clean); });
+  comm.record = nullptr;
+  EXPECT(sent.size() == 2, "%zu all-reduces recorded", sent.size());
+  if (sent.size() != 2) return;
+  EXPECT(std::isfinite(clean.y->get(0)) && clean.sc->get(0) == 20.0 * comm.K,
+         "the clean forward: y[0] %g, count %g", clean.y->get(0), clean.sc->get(0));
+  auto chan = [&](int64_t e) { return (e / 5) % C; };
+
+  for (const CommFaultInfo& fi : kCommFaults) {
+    // ---- forward -------------------------------------------------------------------------
+    if (fi.forward) {
+      g_ctx = base + "forward/" + fi.name;
+      Outs o = fresh();
+      set_fault(comm, fi.f, 1, C, sent[0]);
+      if (ordered) {
+        device_call(w, 0, "forward (fault)", 1, true, [&] { fwd(o); });
+        int bad = 0;
+        for (int64_t e = 0; e < o.y->numel(); ++e) {
+          const bool poisoned = !fi.channel || chan(e) == kFaultChannel;
+          bad +=
+              poisoned ? !std::isnan(o.y->get(e)) : std::memcmp(o.y->at(e), clean.y->at(e), 4) != 0;
+        }
+        EXPECT(bad == 0, "y: %d elements not as expected (NaN where poisoned, else clean)", bad);
+        for (int64_t k = 0; k < C; ++k) {
+          const bool poisoned = !fi.channel || k == kFaultChannel;
+          if (poisoned) {
+            EXPECT(std::isnan(o.sm->get(k)) && std::isnan(o.si->get(k)),
+                   "save_mean/invstd[%ld] %g %g, expected NaN", k, o.sm->get(k), o.si->get(k));
+            EXPECT(o.rm->get(k) == 0.5 - 0.25 * double(k) && o.rv->get(k) == 1.5 + double(k),
+                   "running stats[%ld] changed by a poisoned reduction", k);
+          } else {
+            EXPECT(o.sm->get(k) == clean.sm->get(k) && o.si->get(k) == clean.si->get(k) &&
+                       o.rm->get(k) == clean.rm->get(k) && o.rv->get(k) == clean.rv->get(k),
+                   "channel %ld differs from the clean forward", k);
+          }
+        }
+        if (fi.channel)
+          EXPECT(o.sc->get(0) == clean.sc->get(0), "save_count %g, clean %g", o.sc->get(0),
+                 clean.sc->get(0));
+        else
+          EXPECT(std::isnan(o.sc->get(0)), "save_count %g, expected NaN", o.sc->get(0));
+        check_gaps("y", *o.y);
+        check_gaps("save_invstd", *o.si);
+      } else {
+        std::string msg;
+        const Thrown t = throwing_call(w, "forward (fault)", [&] { fwd(o); }, &msg);
+        const Thrown want = fi.mismatch ? Thrown::Mismatch : Thrown::Comm;
+        EXPECT(t == want, "forward threw %s, expected %s: %s", thrown_name(t), thrown_name(want),
+               msg.c_str());
+        if (fi.mismatch)
+          EXPECT(msg.find(layer_name) != std::string::npos &&
+                     msg.find("forward statistics") != std::string::npos,
+                 "the message does not name the layer and the direction: %s", msg.c_str());
+        else
+          EXPECT(msg.find(comm.name) != std::string::npos,
+                 "the message does not name the communicator: %s", msg.c_str());
+        for (const P* a : {&o.y, &o.sm, &o.si, &o.sc, &o.rm, &o.rv})
+          check_untouched("an output of a forward that threw", **a);
+      }
+    }
+    // ---- backward (after the clean forward) -------------------------------------------------
+    g_ctx = base + "backward/" + fi.name;
+    Outs o = fresh();
+    set_fault(comm, fi.f, 2, C, sent[1]);
+    if (ordered) {
+      device_call(w, 0, "backward (fault)", 1, true, [&] { bwd(clean, o); });
+      int bad = 0;
+      for (int64_t e = 0; e < o.dx->numel(); ++e) {
+        const bool poisoned = !fi.channel || chan(e) == kFaultChannel;
+        bad += poisoned ? !std::isnan(o.dx->get(e))
+                        : std::memcmp(o.dx->at(e), clean.dx->at(e), 4) != 0;
+      }
+      EXPECT(bad == 0, "dx: %d elements not as expected (NaN where poisoned, else clean)", bad);
+      check_same_bits("grad_weight (local) vs the clean backward", *o.gw, *clean.gw);
+      check_same_bits("grad_bias (local) vs the clean backward", *o.gb, *clean.gb);
+    } else {
+      std::string msg;
+      const Thrown t = throwing_call(w, "backward (fault)", [&] { bwd(clean, o); }, &msg);
+      const Thrown want = fi.mismatch ? Thrown::Mismatch : Thrown::Comm;
+      EXPECT(t == want, "backward threw %s, expected %s: %s", thrown_name(t), thrown_name(want),
+             msg.c_str());
+      if (fi.mismatch)
+        EXPECT(msg.find(layer_name) != std::string::npos &&
+                   msg.find("backward sums") != std::string::npos,
+               "the message does not name the layer and the direction: %s", msg.c_str());
+      for (const P* a : {&o.dx, &o.gw, &o.gb})
+        check_untouched("an output of a backward that threw", **a);
+    }
+  }
+  comm.fault = nullptr;
+  if (!ordered) return;
+  // A poisoned forward (NaN save_count) makes the next backward NaN, with a clean comm.
+  g_ctx = base + "backward_after_a_poisoned_forward";
+  Outs p = fresh(), o = fresh();
+  set_fault(comm, CommFault::OtherLayer, 1, C, sent[0]);
+  device_call(w, 0, "forward (fault)", 1, true, [&] { fwd(p); });
+  comm.fault = nullptr;
+  device_call(w, 0, "backward", 1, true, [&] { bwd(p, o); });
+  int finite = 0;
+  for (int64_t e = 0; e < o.dx->numel(); ++e) finite += !std::isnan(o.dx->get(e));
+  EXPECT(finite == 0, "dx: %d elements not NaN after a poisoned forward", finite);
+}
+
+// Torch parity for non-finite inputs, device and CPU alike: a channel of all +inf gives a
+// running_mean of +inf (the shift of a non-finite first element is 0, so no inf - inf),
+// the other channels as without it; in eval, an inf or NaN in x stays out of every dx
+// (dx = dy * invstd * w does not read x).
+static void test_nonfinite_parity(World& w) {
+  const Device dev{DeviceType::CUDA, 0}, cpu{DeviceType::CPU, 0};
+  const int64_t C = 3;
+  const std::vector<int64_t> shape = {4, C, 5};
+  g_ctx = w.name + "/inf_channel_running_mean";
+  for (bool with_inf : {true, false}) {
+    P x = make(DType::Float32, dev, shape, channels_last(3)), y = make(DType::Float32, dev, shape);
+    fill(*x, [&](int64_t e) {
+      return with_inf && (e / 5) % C == 1 ? INFINITY : double((e * 7) % 11) - 3;
+    });
+    P rm = vec(DType::Float32, dev, C), rv = vec(DType::Float32, dev, C);
+    fill(*rm, [](int64_t k) { return 0.25 * double(k); });
+    fill(*rv, [](int64_t) { return 1.0; });
+    P sm = vec(DType::Float64, dev, C), si = vec(DType::Float64, dev, C),
+      sc = vec(DType::Float64, dev, 1);
+    P x_c = twin(*x, cpu), y_c = make(DType::Float32, cpu, shape), rm_c = twin(*rm, cpu),
+      rv_c = twin(*rv, cpu), sm_c = vec(DType::Float64, cpu, C), si_c = vec(DType::Float64, cpu, C);
+    ForwardOptions fo;
+    fo.stream = kStream;
+    device_call(w, 0, "forward (a channel of +inf)", 1, true, [&] {
+      forward(x->v, nullptr, nullptr, &rm->v, &rv->v, fo, *w.comm, y->v, sm->v, si->v, &sc->v);
+    });
+    try {
+      forward(x_c->v, nullptr, nullptr, &rm_c->v, &rv_c->v, fo, *w.comm, y_c->v, sm_c->v, si_c->v,
+              nullptr);
+    } catch (const std::exception& e) {
+      unexpected("CPU forward (a channel of +inf)", e);
+    }
+    for (const Arr* r : {rm.get(), rm_c.get()}) {
+      const char* path = r == rm.get() ? "device" : "CPU";
+      if (with_inf) {
+        EXPECT(r->get(1) == INFINITY, "%s running_mean[1] %g for a channel of +inf", path,
+               r->get(1));
+      }
+      EXPECT(std::isfinite(r->get(0)) && std::isfinite(r->get(2)), "%s running_mean %g %g", path,
+             r->get(0), r->get(2));
+    }
+    EXPECT(sc->get(0) == 20, "save_count %g", sc->get(0));
+    int bad = 0;
+    for (int64_t e = 0; e < y->numel(); ++e)
+      if ((e / 5) % C != 1 || !with_inf)
+        bad += !std::isfinite(y->get(e)) || std::fabs(y->get(e) - y_c->get(e)) > 1e-5;
+    EXPECT(bad == 0, "y of the finite channels: %d elements non-finite or not the CPU's", bad);
+    EXPECT(rm->get(0) == rm_c->get(0) && rm->get(2) == rm_c->get(2),
+           "running_mean of the finite channels differs from the CPU's");
+  }
+  g_ctx = w.name + "/eval_backward_nonfinite_x";
+  for (const Lay& lay : {Lay{}, strided(2)}) {
+    P x = make(DType::Float32, dev, shape, lay), dy = make(DType::Float32, dev, shape);
+    P dx = make(DType::Float32, dev, shape);
+    fill(*x, [](int64_t e) {
+      return e == 3 ? INFINITY : e == 11 ? NAN : e == 12 ? -INFINITY : 1.0;
+    });
+    fill(*dy, [](int64_t e) { return double((e * 5) % 9) * 0.25 - 1; });
+    P sm = vec(DType::Float64, dev, C), si = vec(DType::Float64, dev, C),
+      wt = vec(DType::Float32, dev, C);
+    fill(*sm, [](int64_t k) { return 0.5 * double(k); });
+    fill(*si, [](int64_t k) { return 1.0 + double(k); });
+    fill(*wt, [](int64_t k) { return 2.0 - double(k); });
+    BackwardOptions bo;
+    bo.training = false, bo.stream = kStream;
+    device_call(w, 0, "backward (eval, inf/NaN in x)", 0, true, [&] {
+      backward(dy->v, x->v, sm->v, si->v, &wt->v, bo, *w.comm, &dx->v, nullptr, nullptr);
+    });
+    P x_c = twin(*x, cpu), dy_c = twin(*dy, cpu), sm_c = twin(*sm, cpu), si_c = twin(*si, cpu),
+      wt_c = twin(*wt, cpu), dx_c = make(DType::Float32, cpu, shape);
+    try {
+      backward(dy_c->v, x_c->v, sm_c->v, si_c->v, &wt_c->v, bo, *w.comm, &dx_c->v, nullptr,
+               nullptr);
+    } catch (const std::exception& e) {
+      unexpected("CPU backward (eval, inf/NaN in x)", e);
+    }
+    Vec ref = zeros(dx->numel());
+    for (int64_t e = 0; e < dx->numel(); ++e) {
+      const int64_t k = (e / 5) % C;
+      ref[size_t(e)] = dy->get(e) * (1.0 + double(k)) * (2.0 - double(k));
+    }
+    check_vals("dx (eval, inf/NaN in x)", *dx, ref, 1e-6);
+    check_vals("CPU dx (eval, inf/NaN in x)", *dx_c, ref, 1e-6);
+    check_untouched("x", *x);
+  }
+}
+
+// Under MPI: a real disagreement between ranks (rank 1 runs another layer; rank 1 has the
+// channels on another axis with the same C; rank 1's backward is another layer's) gives
+// CollectiveMismatchError on EVERY rank, nothing written, and the ranks go on in lockstep:
+// the next agreeing calls pass (none is left waiting in a collective).
+static void test_mpi_disagreement(World& w) {
+  const Device dev{DeviceType::CUDA, 0};
+  const int64_t C = 3;
+  const bool odd = g_rank == 1;
+  auto all_ranks = [](bool mine) {
+    int v = mine ? 1 : 0, all = 0;
+    MPI_Allreduce(&v, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    return all == 1;
+  };
+  struct Step {
+    const char* name;
+    int64_t layer;  // rank 1: layer + 1 when `layer_differs`
+    bool layer_differs, axis_differs;
+  };
+  const Step steps[] = {{"another_layer", 3000, true, false}, {"another_axis", 3002, false, true}};
+  for (const Step& st_ : steps) {
+    g_ctx = w.name + "/disagree_forward/" + st_.name;
+    const bool last = odd && st_.axis_differs;
+    const std::vector<int64_t> shape =
+        last ? std::vector<int64_t>{4, 5, C} : std::vector<int64_t>{4, C, 5};
+    P x = make(DType::Float32, dev, shape), y = make(DType::Float32, dev, shape);
+    fill(*x, [](int64_t e) { return double(e % 7); });
+    fill(*y, [](int64_t) { return -777.0; });
+    P sm = vec(DType::Float64, dev, C), si = vec(DType::Float64, dev, C),
+      sc = vec(DType::Float64, dev, 1);
+    P rm = vec(DType::Float32, dev, C), rv = vec(DType::Float32, dev, C);
+    for (Arr* a : {sm.get(), si.get(), sc.get(), rm.get(), rv.get()})
+      fill(*a, [](int64_t) { return -777.0; });
+    ForwardOptions fo;
+    fo.stream = kStream, fo.axis = last ? -1 : 1;
+    fo.layer = st_.layer + (odd && st_.layer_differs ? 1 : 0);
+    fo.layer_name = "model.bn";
+    std::string msg;
+    const Thrown t = throwing_call(
+        w, "forward (ranks disagree)",
+        [&] {
+          forward(x->v, nullptr, nullptr, &rm->v, &rv->v, fo, *w.comm, y->v, sm->v, si->v, &sc->v);
+        },
+        &msg);
+    EXPECT(t == Thrown::Mismatch, "threw %s, expected CollectiveMismatchError: %s", thrown_name(t),
+           msg.c_str());
+    EXPECT(msg.find("model.bn") != std::string::npos, "message: %s", msg.c_str());
+    EXPECT(all_ranks(t == Thrown::Mismatch), "not every rank raised CollectiveMismatchError");
+    for (const P* a : {&y, &sm, &si, &sc, &rm, &rv}) check_untouched("an output (mismatch)", **a);
+  }
+  // Agreeing calls go on: a forward of a fresh layer, then a backward disagreeing on the
+  // layer, then an agreeing backward.
+  g_ctx = w.name + "/disagree_then_agree";
+  const std::vector<int64_t> shape = {4, C, 5};
+  P x = make(DType::Float32, dev, shape), y = make(DType::Float32, dev, shape),
+    dy = make(DType::Float32, dev, shape);
+  fill(*x, [](int64_t e) { return double(e % 7) + g_rank; });
+  fill(*dy, [](int64_t e) { return double(e % 3) - 1; });
+  P sm = vec(DType::Float64, dev, C), si = vec(DType::Float64, dev, C),
+    sc = vec(DType::Float64, dev, 1);
+  ForwardOptions fo;
+  fo.stream = kStream, fo.layer = 3004;
+  const bool fwd_ok = device_call(w, 0, "forward (agreeing, after a mismatch)", 1, true, [&] {
+    forward(x->v, nullptr, nullptr, nullptr, nullptr, fo, *w.comm, y->v, sm->v, si->v, &sc->v);
+  });
+  EXPECT(sc->get(0) == 20.0 * g_size, "save_count %g, expected %d", sc->get(0), 20 * g_size);
+  EXPECT(all_ranks(fwd_ok), "the agreeing forward failed on some rank");
+  P dx = make(DType::Float32, dev, shape), gw = vec(DType::Float32, dev, C),
+    gb = vec(DType::Float32, dev, C);
+  for (Arr* a : {dx.get(), gw.get(), gb.get()}) fill(*a, [](int64_t) { return -777.0; });
+  BackwardOptions bo;
+  bo.stream = kStream, bo.count = NAN, bo.count_view = &sc->v;
+  bo.layer = odd ? 3005 : 3004;
+  std::string msg;
+  const Thrown t = throwing_call(
+      w, "backward (ranks disagree)",
+      [&] { backward(dy->v, x->v, sm->v, si->v, nullptr, bo, *w.comm, &dx->v, &gw->v, &gb->v); },
+      &msg);
+  EXPECT(t == Thrown::Mismatch && msg.find("backward sums") != std::string::npos,
+         "backward threw %s: %s", thrown_name(t), msg.c_str());
+  EXPECT(all_ranks(t == Thrown::Mismatch),
+         "not every rank raised CollectiveMismatchError (backward)");
+  for (const P* a : {&dx, &gw, &gb}) check_untouched("an output (backward mismatch)", **a);
+  bo.layer = 3006;  // a layer no rank has run a backward of
+  const bool bwd_ok = device_call(w, 0, "backward (agreeing, after a mismatch)", 1, true, [&] {
+    backward(dy->v, x->v, sm->v, si->v, nullptr, bo, *w.comm, &dx->v, &gw->v, &gb->v);
+  });
+  int finite = 0;
+  for (int64_t e = 0; e < dx->numel(); ++e)
+    finite += std::isfinite(dx->get(e)) && dx->get(e) != -777;
+  EXPECT(finite == dx->numel(), "dx: %d of %ld elements written and finite", finite, dx->numel());
+  EXPECT(all_ranks(bwd_ok && finite == dx->numel()), "the agreeing backward failed on some rank");
+}
+
 // ---- main
 // ----------------------------------------------------------------------------------------
 
@@ -1167,6 +1852,10 @@ int main(int argc, char** argv) {
     test_zero_channels(wh);
     test_running_dtype_mismatch();
     test_capture_is_enforced();
+    // Faults, each through a stream-ordered, a device-but-unordered and a host-only world.
+    for (World* w : {&wn, &wa, &wh}) test_comm_faults(*w, *w->probe);
+    test_nonfinite_parity(wl);
+    test_fingerprint_parity();
   } else {
     g_mpi = true;
     MPI_Init(&argc, &argv);
@@ -1183,6 +1872,7 @@ int main(int argc, char** argv) {
       run_cases(wm, {}, {std::begin(kDtypes), std::end(kDtypes)});
       test_gather_small_counts(wm);
       test_stats_of_empty_batch(wm);
+      test_mpi_disagreement(wm);
       // The bare MpiCommunicator, as the bindings hand it over.
       World wb = wm;
       wb.name = "mpi_bare", wb.comm = &mpi, wb.probe = nullptr;

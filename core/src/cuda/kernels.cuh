@@ -35,13 +35,13 @@ struct RunningStats {
   int64_t var_stride = 1;
 };
 // `check`: the reduced buffer is judged on the device first (fp::reduced_ok); when it
-// fails, mean/invstd/var_biased get NaN, *poison_count (nullable) NaN, and the running
-// stats are left alone; a channel whose sums are not finite although no rank's were
-// (fp::reduced_channel_ok) gets NaN alone.
+// fails, mean/invstd/var_biased get NaN and the running stats are left alone; a channel
+// whose sums are not finite although no rank's were (fp::reduced_channel_ok) gets NaN
+// alone. *count_out (nullable, not inside buf) gets N, or NaN when the check fails.
 void batch_norm_gather_stats(const double* buf, int64_t C, double momentum, double eps,
                              bool unbiased, RunningStats running, double* mean, double* invstd,
                              double* var_biased /*nullable*/, const fp::DeviceCheck& check,
-                             double* poison_count /*nullable*/, cudaStream_t stream);
+                             double* count_out /*nullable*/, cudaStream_t stream);
 
 // y = (x - mean) * invstd * w + b, w/b device float64 arrays (null: 1 / 0).
 void batch_norm_elemt(const void* x, void* y, DType dt, const Geometry& g, const double* mean,

@@ -121,33 +121,48 @@ RunningStats running_stats(const TensorView* rm, const TensorView* rv) {
   return r;
 }
 
+// Whether the host sees what an all-reduce of a device buffer returns (and so checks it):
+// every communicator but one that takes device buffers in stream order.
+bool host_checks(Device dev, const Communicator& comm) {
+  return !(comm.accepts(dev) && comm.stream_ordered());
+}
+
 // The all-reduce of a device buffer [payload | count | fingerprint]: on the stream when
 // the communicator takes device buffers (NCCL, local), else staged through host memory.
 // Where the host holds the reduced values anyway (staged, or a CUDA-aware MPI that needed
 // a sync) it checks them against `e` (check_reduced: throws before anything is written);
 // on the stream, the kernels that consume the buffer check it (fp::DeviceCheck).
+// `forward_count`: buf[n] holds the forward's global count (not reduced), read with the
+// buffer by the host check (one copy, one sync), which then requires the reduced count to
+// equal it, as the host path and the device check do.
 void allreduce_device(double* buf, int64_t n, Device dev, Communicator& comm, cudaStream_t s,
-                      const Expected* e) {
+                      const Expected* e, bool forward_count = false) {
   std::vector<double> host;
+  const int64_t m = n + (e && forward_count ? 1 : 0);  // what the host check reads
+  auto checked = [&] {
+    Expected k = *e;
+    if (forward_count) k.count = host[size_t(n)];
+    check_reduced(host.data(), k);
+  };
   if (comm.accepts(dev)) {
     const bool ordered = comm.stream_ordered();
     // A CUDA-aware MPI reads the buffer outside the stream: let the stream finish first.
     if (!ordered) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     comm.allreduce_sum(buf, n, dev, s);
     if (ordered || !e) return;
-    host.resize(size_t(n));
-    check(cudaMemcpyAsync(host.data(), buf, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, s),
+    host.resize(size_t(m));
+    check(cudaMemcpyAsync(host.data(), buf, size_t(m) * sizeof(double), cudaMemcpyDeviceToHost, s),
           "cudaMemcpyAsync");
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
-    check_reduced(host.data(), *e);
+    checked();
     return;
   }
-  host.resize(size_t(n));
-  check(cudaMemcpyAsync(host.data(), buf, size_t(n) * sizeof(double), cudaMemcpyDeviceToHost, s),
+  host.resize(size_t(m));
+  check(cudaMemcpyAsync(host.data(), buf, size_t(m) * sizeof(double), cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync");
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   comm.allreduce_sum(host.data(), n, Device{DeviceType::CPU, 0}, nullptr);
-  if (e) check_reduced(host.data(), *e);
+  if (e) checked();
   check(cudaMemcpyAsync(buf, host.data(), size_t(n) * sizeof(double), cudaMemcpyHostToDevice, s),
         "cudaMemcpyAsync");
   check(cudaStreamSynchronize(s), "cudaStreamSynchronize");  // `host` goes out of scope
@@ -276,7 +291,7 @@ void elemt_backward(const TensorView& dy, const TensorView& x, int axis, const d
                     Scratch& sc) {
   if (x.numel() == 0) return;
   auto lay = device_layout(x, axis, sc);
-  const void* xp = lay.input(x);
+  const void* xp = sums ? lay.input(x) : nullptr;  // eval does not read x (not even to pack it)
   const void* dyp = lay.input(dy);
   void* dxp = lay.output(dx);
   batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, invstd, weight, sums,
@@ -290,8 +305,8 @@ void op_backward_elemt(const TensorView& dy, const TensorView& x, int axis, cons
                        void* stream) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(stream));
-  const auto k = device_check(CollectiveOp::Backward, 0, double(count_per_channel(x, axis)),
-                              key.verify);
+  const auto k =
+      device_check(CollectiveOp::Backward, 0, double(count_per_channel(x, axis)), key.verify);
   elemt_backward(dy, x, axis, sc.f64(&mean), sc.f64(&invstd), sc.f64(weight), sc.f64(&sums),
                  sc.f64(&count), k, dx, sc);
 }
@@ -299,8 +314,7 @@ void op_backward_elemt(const TensorView& dy, const TensorView& x, int axis, cons
 void op_forward(const TensorView& x, int axis, const TensorView* weight, const TensorView* bias,
                 const TensorView* rm, const TensorView* rv, const ForwardOptions& opt,
                 Communicator& comm, const TensorView& y, const TensorView& save_mean,
-                const TensorView& save_invstd, const TensorView& save_count,
-                const Fingerprint* f) {
+                const TensorView& save_invstd, const TensorView& save_count, const Fingerprint* f) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
@@ -314,13 +328,12 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
     write_fingerprint(buf, C, -1, *f, sc.stream());
     const Expected e = expected(CollectiveOp::Forward, x, axis, *f, comm);
     allreduce_device(buf, len, x.device, comm, sc.stream(), &e);
-    // A failed device check poisons the count (buf[2C]) too, so the backward gives NaN.
-    batch_norm_gather_stats(buf, C, opt.momentum, opt.eps, opt.unbiased_running_var,
-                            running_stats(rm, rv), mean, invstd, nullptr,
-                            device_check(CollectiveOp::Forward, comm.size(), e.local_count,
-                                         f->verify),
-                            buf + 2 * C, sc.stream());
-    write_vec(save_count, buf + 2 * C, sc.stream());
+    // save_count (float64 (1,), validated) gets the count, or NaN when the device check
+    // fails, so the backward gives NaN too.
+    batch_norm_gather_stats(
+        buf, C, opt.momentum, opt.eps, opt.unbiased_running_var, running_stats(rm, rv), mean,
+        invstd, nullptr, device_check(CollectiveOp::Forward, comm.size(), e.local_count, f->verify),
+        static_cast<double*>(save_count.data), sc.stream());
   } else {
     check(cudaMemcpyAsync(mean, sc.f64(rm), size_t(C) * sizeof(double), cudaMemcpyDeviceToDevice,
                           sc.stream()),
@@ -346,8 +359,7 @@ void op_forward(const TensorView& x, int axis, const TensorView* weight, const T
 void op_backward(const TensorView& dy, const TensorView& x, int axis, const TensorView& save_mean,
                  const TensorView& save_invstd, const TensorView* weight,
                  const BackwardOptions& opt, Communicator& comm, const TensorView* dx,
-                 const TensorView* grad_weight, const TensorView* grad_bias,
-                 const Fingerprint* f) {
+                 const TensorView* grad_weight, const TensorView* grad_bias, const Fingerprint* f) {
   DeviceGuard guard(x.device);
   Scratch sc(as_stream(opt.stream));
   const int64_t C = x.shape[axis];
@@ -356,7 +368,9 @@ void op_backward(const TensorView& dy, const TensorView& x, int axis, const Tens
   const double* invstd = sc.f64(&save_invstd);
   const bool empty = x.numel() == 0;  // then the reduction writes nothing
   const int64_t len = backward_buffer_size(C);
-  double* sums = sc.sums(len, empty);
+  // Where the host checks the reduced sums, the forward's count rides behind them (sums[len]).
+  const bool host_check = sync && host_checks(x.device, comm);
+  double* sums = sc.sums(len + (host_check ? 1 : 0), empty);
   double* gw = grad_weight ? sc.sums(C, empty) : nullptr;
   double* gb = grad_bias ? sc.sums(C, empty) : nullptr;
   if (grad_weight || grad_bias || sync) reduce_into(dy, x, axis, mean, invstd, sums, gw, gb, sc);
@@ -365,8 +379,12 @@ void op_backward(const TensorView& dy, const TensorView& x, int axis, const Tens
   const double n = double(count_per_channel(x, axis));
   if (sync) {
     write_fingerprint(sums, C, n, *f, sc.stream());
+    if (host_check)
+      check(cudaMemcpyAsync(sums + len, sc.f64(opt.count_view), sizeof(double),
+                            cudaMemcpyDeviceToDevice, sc.stream()),
+            "cudaMemcpyAsync");
     const Expected e = expected(CollectiveOp::Backward, x, axis, *f, comm);
-    allreduce_device(sums, len, x.device, comm, sc.stream(), &e);
+    allreduce_device(sums, len, x.device, comm, sc.stream(), &e, host_check);
   }
   // This rank's gradients (from the local sums, in their own scratch) are written only
   // now: a staged check that throws leaves them alone too.
