@@ -511,8 +511,11 @@ static void test_backward_elemt_faults(Fault fault, bool verify) {
 // Fingerprint: slots, the non-finite flag of the payload (inf/NaN anywhere in it), the
 // count when given; the payload itself untouched.
 static void test_write_fingerprint(int64_t C, int nonfinite, double count) {
+  CollectiveKey key;
+  key.layer = irand(0, 1000);
+  key.call = irand(0, 50);
   Fingerprint f = next_fingerprint(irand(0, 1) ? CollectiveOp::Forward : CollectiveOp::Backward, C,
-                                   int(irand(0, 3)), CollectiveKey{irand(0, 1000)});
+                                   int(irand(0, 3)), key, nullptr);
   const int64_t n = stats_buffer_size(C);
   Buf<double> dev(n);
   for (int64_t i = 0; i < n; ++i) dev.data()[i] = i < 2 * C ? uni(-1e6, 1e6) : -7.0;
