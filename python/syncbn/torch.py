@@ -451,6 +451,28 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                        if self._comm.value is not None else "")
 
 
+def _let_ddp_take_syncbn_on_cpu():
+    """DistributedDataParallel refuses CPU modules holding a torch.nn.SyncBatchNorm,
+    because torch's own cannot run there; syncbn's layers are torch.nn.SyncBatchNorm
+    instances that can. The check keeps refusing torch's own class and lets syncbn's
+    through (if torch renames the method, nothing is changed)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    orig = getattr(ddp, "_passing_sync_batchnorm_handle", None)
+    if orig is None or getattr(orig, "_syncbn", False):
+        return
+
+    def _passing_sync_batchnorm_handle(self, module):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.SyncBatchNorm) and not isinstance(
+                    layer, SyncBatchNorm) and self.device_type == "cpu":
+                self._log_and_throw(ValueError, "SyncBatchNorm layers only work with GPU modules")
+
+    _passing_sync_batchnorm_handle._syncbn = True
+    ddp._passing_sync_batchnorm_handle = _passing_sync_batchnorm_handle
+
+
+_let_ddp_take_syncbn_on_cpu()
+
 # The forward ordering token of the compiled path (see syncbn._torch_ops); no gradient.
 _TOKEN = torch.zeros((), dtype=torch.float64)
 
