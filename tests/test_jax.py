@@ -36,6 +36,7 @@ import syncbn.flax as sbf  # noqa: E402
 import syncbn.jax as sbj  # noqa: E402
 
 MPI_ENV = {"SYNCBN_COLLECTIVE_TIMEOUT": "120"}  # bounds a hang; waiting ranks sleep
+pytestmark = pytest.mark.timeout(600)  # JAX start-up and compiles on 2 busy cores
 
 
 def f32(a):

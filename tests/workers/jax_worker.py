@@ -409,7 +409,7 @@ def train_functional(model, batches, N, steps, lr, sum_grads):
     for s in range(steps):
         x, t = batches[s % len(batches)]
         flat, stats = grads(params, stats, x, t)
-        flat = np.asarray(flat, np.float64)
+        flat = np.array(flat, np.float64)  # a writable copy
         if sum_grads:
             world.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
         params = update(params, jnp.asarray(flat, jnp.float32))
