@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -301,9 +302,15 @@ def test_import_syncbn_and_other_adapters_never_import_jax():
 # ---- multi-rank jobs --------------------------------------------------------------------
 
 
-def load(out, n, part):
-    ranks = [dict(np.load(out / f"{part}_rank{r}.npz")) for r in range(n)]
-    ref = out / f"{part}_ref.npz"
+class Job(NamedTuple):
+    out: object  # the folder the ranks wrote to
+    n: int
+    stdout: str
+
+
+def load(job, part):
+    ranks = [dict(np.load(job.out / f"{part}_rank{r}.npz")) for r in range(job.n)]
+    ref = job.out / f"{part}_ref.npz"
     return ranks, (dict(np.load(ref)) if ref.exists() else None)
 
 
@@ -311,22 +318,22 @@ def load(out, n, part):
 def job3(tmp_path_factory):
     """mpiexec -n 3, global batch split 3/0/2 (a rank with no samples)."""
     out = tmp_path_factory.mktemp("jax3")
-    run_mpi(3, WORKERS / "jax_worker.py", out, "3,0,2", "functional", "flax", "pycomm",
-            "order", "mismatch", timeout=420, env=MPI_ENV)
-    return out, 3
+    proc = run_mpi(3, WORKERS / "jax_worker.py", out, "3,0,2", "functional", "flax",
+                   "pycomm", "order", "mismatch", timeout=420, env=MPI_ENV)
+    return Job(out, 3, proc.stdout)
 
 
 @pytest.fixture(scope="module")
 def job2(tmp_path_factory):
     """mpiexec -n 2, global batch split 5/1."""
     out = tmp_path_factory.mktemp("jax2")
-    run_mpi(2, WORKERS / "jax_worker.py", out, "5,1", "keras", "order", timeout=300,
-            env=MPI_ENV)
-    return out, 2
+    proc = run_mpi(2, WORKERS / "jax_worker.py", out, "5,1", "keras", "order", "example",
+                   timeout=420, env=MPI_ENV)
+    return Job(out, 2, proc.stdout)
 
 
 def test_functional_equals_flax_on_the_global_batch(job3):
-    ranks, ref = load(*job3, "functional")
+    ranks, ref = load(job3, "functional")
     cases = sorted({k.rsplit("_", 1)[0] for k in ref})
     assert cases == ["nc_f32_eager", "nchw_bf16_jit", "nhwc_f32_jit"], cases
     for name in cases:  # NHWC/NCHW/NC, f32/bf16, jit/eager
@@ -345,7 +352,7 @@ def test_functional_equals_flax_on_the_global_batch(job3):
 
 
 def test_flax_nnx_and_linen_train_like_flax_batchnorm_on_the_global_batch(job3):
-    ranks, ref = load(*job3, "flax")
+    ranks, ref = load(job3, "flax")
     assert ref and any(k.startswith("linen/") for k in ref)
     for k in ref:  # every parameter and batch statistic after 3 SGD steps; eval output
         for r in ranks:
@@ -353,7 +360,7 @@ def test_flax_nnx_and_linen_train_like_flax_batchnorm_on_the_global_batch(job3):
 
 
 def test_python_communicator_runs_on_xla_threads(job3):
-    ranks, ref = load(*job3, "pycomm")
+    ranks, ref = load(job3, "pycomm")
     np.testing.assert_allclose(np.concatenate([r["dx"] for r in ranks]), ref["dx"],
                                rtol=1e-4, atol=1e-4)
     for r in ranks:
@@ -364,15 +371,14 @@ def test_python_communicator_runs_on_xla_threads(job3):
 
 @pytest.mark.parametrize("job", ["job3", "job2"])
 def test_collective_order_two_branches_300_steps_equal_the_reference(job, request):
-    out, n = request.getfixturevalue(job)
-    ranks, ref = load(out, n, "order")
+    ranks, ref = load(request.getfixturevalue(job), "order")
     for k in ref:
         for r in ranks:
             np.testing.assert_allclose(r[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_fingerprint_mismatch_under_jit_raises_the_clear_error_on_every_rank(job3):
-    ranks, _ = load(*job3, "mismatch")
+    ranks, _ = load(job3, "mismatch")
     for rank, r in enumerate(ranks):
         msg = str(r["message"])
         assert str(r["kind"]) == "jax.errors.JaxRuntimeError", (rank, r["kind"], msg)
@@ -381,7 +387,7 @@ def test_fingerprint_mismatch_under_jit_raises_the_clear_error_on_every_rank(job
 
 
 def test_keras_on_jax_fit_and_custom_loop_equal_keras_batchnormalization(job2):
-    ranks, ref = load(*job2, "keras")
+    ranks, ref = load(job2, "keras")
     for r in ranks:
         assert "renorm" in str(r["renorm"]) and "not supported" in str(r["renorm"])
     for k in ref:
@@ -390,3 +396,10 @@ def test_keras_on_jax_fit_and_custom_loop_equal_keras_batchnormalization(job2):
             continue
         for r in ranks:
             np.testing.assert_allclose(r[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_jax_mpi_example_syncbn_follows_the_one_process_run(job2):
+    # examples/jax_mpi.py, 10 steps on 2 ranks, run as the last part of the job
+    m = re.search(r"max \|param diff\| ([0-9.e+-]+)", job2.stdout)
+    assert m and float(m.group(1)) < 1e-10, job2.stdout  # float64: equal to rounding
+    assert (job2.out / "jax_mpi_loss.png").stat().st_size > 10_000

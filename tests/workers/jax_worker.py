@@ -507,6 +507,19 @@ def part_mismatch(out, sl):
     save(out, "mismatch", dict(message=np.asarray(msg), kind=np.asarray(kind)))
 
 
+# ---- examples/jax_mpi.py, run in this job to spare a JAX start-up --------------------------
+
+
+def part_example(out, sl):
+    """Runs examples/jax_mpi.py (10 steps) as `python -m mpi4py examples/jax_mpi.py` would;
+    it turns on jax_enable_x64 for the rest of the process, so it goes last."""
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "jax_mpi.py")
+    sys.argv = [path, "--steps", "10", "--out", os.path.join(out, "jax_mpi_loss.png")]
+    runpy.run_path(path, run_name="__main__")
+
+
 def main(out, sizes, *parts):
     sl = Slicer([int(s) for s in sizes.split(",")])
     assert len(sl.sizes) == nranks, (sl.sizes, nranks)
