@@ -94,6 +94,22 @@ def test_world_of_one_equals_flax_batchnorm_under_jit_and_grad(shape, axis):
     assert new[0] is not None and np.array_equal(new[0], stats[0])
 
 
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("bfloat16", 1.6e-2)])
+def test_half_inputs_accumulate_wider_than_their_dtype(dtype, tol):
+    rng = np.random.default_rng(3)
+    x64 = rng.standard_normal((64, 5, 4)) * 0.5 + 20.0  # a mean 40x the deviation
+    x = jnp.asarray(x64, dtype)
+    xr = np.asarray(x.astype(jnp.float32), np.float64)  # what the kernel sees
+    y, (mean, var) = jax.jit(lambda x: sbj.batch_norm(x, None, None, (jnp.zeros(5),
+                                                                     jnp.ones(5)), axis=1))(x)
+    assert y.dtype == x.dtype and mean.dtype == jnp.float32
+    m, v = xr.mean((0, 2)), xr.var((0, 2))
+    ref = (xr - m[:, None]) / np.sqrt(v[:, None] + 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol * 4, rtol=tol)
+    np.testing.assert_allclose(f32(mean), 0.01 * m, rtol=1e-5)
+    np.testing.assert_allclose(f32(var), 0.99 + 0.01 * v, rtol=1e-5)
+
+
 def test_torch_convention_weighs_the_batch_and_uses_the_unbiased_variance():
     x = jnp.asarray(np.arange(12.0).reshape(6, 2), jnp.float32)
     stats = (jnp.zeros(2), jnp.ones(2))
@@ -359,8 +375,11 @@ def test_flax_nnx_and_linen_train_like_flax_batchnorm_on_the_global_batch(job3):
             np.testing.assert_allclose(r[k], ref[k], rtol=1e-4, atol=2e-5, err_msg=k)
 
 
-def test_python_communicator_runs_on_xla_threads(job3):
+def test_python_communicator_runs_on_xla_threads_and_mpi4py_split_works(job3):
     ranks, ref = load(job3, "pycomm")
+    for rank, r in enumerate(ranks):  # MPI.COMM_WORLD.Split: ranks {0, 2} and {1} (empty)
+        want = ref.get(f"dx_split{rank}", np.zeros((0, 4, 3)))
+        np.testing.assert_allclose(r["dx_split"], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.concatenate([r["dx"] for r in ranks]), ref["dx"],
                                rtol=1e-4, atol=1e-4)
     for r in ranks:

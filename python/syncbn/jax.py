@@ -100,13 +100,16 @@ def _communicator_id(comm, platform: str) -> int:
 
 def _default_gpu():
     """comm=None for arrays on a GPU: NCCL bootstrapped from MPI COMM_WORLD when this build
-    has it and the job has more than one rank, else the host default (staged)."""
+    has it and the job has more than one rank, else the host default (staged). One GPU
+    per process: the NCCL communicator is made for jax's first local device."""
     world = _comm.default()
     if world.size > 1 and getattr(world, "mpi4py_comm", None) is not None:
         from . import _device
 
         if _device.info()["nccl"]:
-            return _comm.nccl(world.mpi4py_comm, device=jax.local_devices()[0].id)
+            dev = jax.local_devices()[0]
+            return _comm.nccl(world.mpi4py_comm,
+                              device=getattr(dev, "local_hardware_id", None) or 0)
     return world
 
 

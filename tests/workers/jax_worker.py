@@ -470,17 +470,40 @@ def part_pycomm(out, sl):
     dx, new = f(jnp.asarray(sl(x)))
     y_eval, _ = jax.jit(lambda x: sbj.batch_norm(x, None, None, stats, training=False,
                                                  comm=comm))(jnp.asarray(sl(x)))
+    # an mpi4py sub-communicator from Split (even and odd ranks normalize separately)
+    sub = world.Split(color=rank % 2, key=rank)
+
+    @jax.jit
+    def g(x):
+        return jax.value_and_grad(
+            lambda x: (sbj.batch_norm(x, None, None, None, comm=sub, layer=23)[0] ** 3).sum())(x)
+
+    _, dx_split = g(jnp.asarray(sl(x)))
     save(out, "pycomm", dict(dx=f64(dx), mean=f64(new[0]), var=f64(new[1]),
-                             calls=np.asarray(comm.calls), y_eval=f64(y_eval)))
+                             calls=np.asarray(comm.calls), y_eval=f64(y_eval),
+                             dx_split=f64(dx_split)))
     if rank == 0:
         def ref_loss(x):
             def bn(x):
                 return (x - x.mean((0, 1))) / jnp.sqrt(x.var((0, 1)) + 1e-5)
             return (bn(bn(x) * 2) ** 3).sum()
+        def ref_split(x):
+            return (((x - x.mean((0, 1))) / jnp.sqrt(x.var((0, 1)) + 1e-5)) ** 3).sum()
+
         xr = jnp.asarray(x)
+        groups = {c: [r for r in range(nranks) if r % 2 == c] for c in (0, 1)}
+        dx_split = {}
+        for members in groups.values():  # each group's rows, in rank order
+            rows = np.concatenate([np.arange(sum(sl.sizes[:r]), sum(sl.sizes[:r + 1]))
+                                   for r in members]).astype(int)
+            if len(rows):
+                d = np.asarray(jax.grad(ref_split)(xr[rows]), np.float64)
+                for r in members:
+                    lo = sum(sl.sizes[q] for q in members if q < r)
+                    dx_split[f"dx_split{r}"] = d[lo:lo + sl.sizes[r]]
         save(out, "pycomm", dict(dx=f64(jax.grad(ref_loss)(xr)),
                                  mean=f64(0.01 * xr.mean((0, 1))),
-                                 var=f64(0.99 + 0.01 * xr.var((0, 1)))), ref=True)
+                                 var=f64(0.99 + 0.01 * xr.var((0, 1))), **dx_split), ref=True)
 
 
 # ---- mismatch: ranks run two layers in different orders under jit ----------------------
