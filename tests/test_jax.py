@@ -422,3 +422,19 @@ def test_jax_mpi_example_syncbn_follows_the_one_process_run(job2):
     m = re.search(r"max \|param diff\| ([0-9.e+-]+)", job2.stdout)
     assert m and float(m.group(1)) < 1e-10, job2.stdout  # float64: equal to rounding
     assert (job2.out / "jax_mpi_loss.png").stat().st_size > 10_000
+
+
+def test_two_grads_and_a_forward_in_one_jit_are_chained():
+    st = (jnp.zeros(4), jnp.ones(4))
+
+    def step(p, x):
+        g1 = jax.grad(lambda p: (sbj.batch_norm(x, p, None, st, layer=1)[0] ** 3).sum())(p)
+        g2 = jax.grad(lambda p: (sbj.batch_norm(2 * x, p, None, st, layer=2)[0] ** 3).sum())(p)
+        return g1 + g2 + sbj.batch_norm(x, None, None, st, layer=3)[0].sum()
+
+    chain = collective_chain(step, jnp.ones(4), jnp.ones((3, 4)))
+    assert [t for _, t, _, _ in chain] == ["syncbn_forward", "syncbn_backward"] * 2 + [
+        "syncbn_forward"]
+    for i in range(1, len(chain)):  # backward after its forward by the saved statistics,
+        prev, (_, kind, token_src, all_src) = chain[i - 1][0], chain[i]  # the rest by token
+        assert prev in all_src if kind == "syncbn_backward" else token_src == {prev}, chain

@@ -123,9 +123,11 @@ def _default_gpu():
 # of its token output, which is what the backward of the next layer returned for its token
 # input, so the backward collectives are chained in reverse order, after all forwards.
 #
-# The current token is kept per thread together with the trace it belongs to; a call
-# uses it if that trace is the current one or encloses it (e.g. the jit around a grad),
-# else starts from a constant.
+# The current token is kept per thread and per trace: a call takes the token of its own
+# trace, else of the nearest enclosing one (e.g. the jit around a grad: the forwards of a
+# second grad in one jit follow the backwards of the first), else starts from a constant.
+# Only the tokens of the current trace and its ancestors are kept, so nothing of a
+# finished trace outlives the next call.
 
 _state = threading.local()
 
@@ -139,35 +141,44 @@ def _current_trace():
         return None
 
 
-def _encloses(trace, inner) -> bool:
+def _ancestry(trace):
     for _ in range(256):
-        if inner is None:
-            return False
-        if inner is trace:
-            return True
-        inner = getattr(inner, "parent_trace", None)
-    return False
+        if trace is None:
+            return
+        yield trace
+        trace = getattr(trace, "parent_trace", None)
+
+
+def _tokens() -> dict:
+    tokens = getattr(_state, "tokens", None)
+    if tokens is None:
+        tokens = _state.tokens = {}
+    return tokens
 
 
 def _take_token():
-    tok = getattr(_state, "token", None)
-    if tok is not None:
-        if not isinstance(tok, jax.core.Tracer):
-            return tok
-        if _encloses(getattr(tok, "_trace", None), _current_trace()):
-            return tok
-    return jnp.zeros((1,), jnp.float32)
+    tokens = _tokens()
+    for trace in _ancestry(_current_trace()):
+        hit = tokens.get(id(trace))
+        if hit is not None and hit[0] is trace:
+            return hit[1]
+    hit = tokens.get(None)  # a concrete token (eager calls) is usable anywhere
+    return hit[1] if hit is not None else jnp.zeros((1,), jnp.float32)
 
 
 def _put_token(tok) -> None:
-    _state.token = tok
+    trace = getattr(tok, "_trace", None) if isinstance(tok, jax.core.Tracer) else None
+    keep = {id(t) for t in _ancestry(trace)}
+    tokens = {k: v for k, v in _tokens().items() if k is None or k in keep}
+    tokens[None if trace is None else id(trace)] = (trace, tok)
+    _state.tokens = tokens
 
 
 def reset_ordering() -> None:
-    """Forgets the current ordering token (the next syncbn call starts a new chain). Only
-    needed to release a traced value held after tracing (e.g. with
+    """Forgets the current ordering tokens (the next syncbn call starts a new chain). Only
+    needed to release traced values held after tracing (e.g. with
     ``jax_check_tracer_leaks``)."""
-    _state.token = None
+    _state.tokens = {}
 
 
 # ---- the FFI calls -----------------------------------------------------------------------
