@@ -36,7 +36,8 @@ from flax import nnx  # noqa: E402
 import syncbn.flax as sbf  # noqa: E402
 import syncbn.jax as sbj  # noqa: E402
 
-MPI_ENV = {"SYNCBN_COLLECTIVE_TIMEOUT": "120"}  # bounds a hang; waiting ranks sleep
+MPI_ENV = {"SYNCBN_COLLECTIVE_TIMEOUT": "120",  # bounds a hang; waiting ranks sleep
+           "KERAS_BACKEND": "jax"}  # tests/test_keras.py sets torch in this process
 pytestmark = pytest.mark.timeout(600)  # JAX start-up and compiles on 2 busy cores
 
 

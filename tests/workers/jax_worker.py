@@ -15,7 +15,7 @@ import sys
 import time
 import zlib
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ["KERAS_BACKEND"] = "jax"  # whatever the parent (pytest) process uses
 
 import jax  # noqa: E402
 
