@@ -17,6 +17,9 @@
 #ifdef SYNCBN_WITH_MPI
 #include "syncbn/mpi_communicator.h"
 #endif
+#ifdef SYNCBN_WITH_JAX
+#include "xla_ffi.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -168,6 +171,13 @@ nb::dict build_info() {
   d["cuda"] = c.cuda;
   d["nccl"] = c.nccl;
   d["compiler"] = c.compiler;
+#ifdef SYNCBN_WITH_JAX
+  d["jax"] = true;
+  d["xla_ffi_api"] = std::to_string(XLA_FFI_API_MAJOR) + "." + std::to_string(XLA_FFI_API_MINOR);
+#else
+  d["jax"] = false;
+  d["xla_ffi_api"] = nb::none();
+#endif
   return d;
 }
 
@@ -414,4 +424,29 @@ NB_MODULE(_core, m) {
   });
 
   m.def("build_info", &build_info);
+
+#ifdef SYNCBN_WITH_JAX
+  // XLA FFI handlers for syncbn.jax, by platform, as capsules for
+  // jax.ffi.register_ffi_target.
+  m.def("xla_handlers", [] {
+    auto capsule = [](XLA_FFI_Error* (*fn)(XLA_FFI_CallFrame*)) {
+      return nb::capsule(reinterpret_cast<void*>(fn));
+    };
+    nb::dict d, cpu;
+    cpu["forward"] = capsule(syncbn_xla_forward_cpu);
+    cpu["backward"] = capsule(syncbn_xla_backward_cpu);
+    d["cpu"] = cpu;
+#ifdef SYNCBN_WITH_CUDA_FFI
+    nb::dict cuda;
+    cuda["forward"] = capsule(syncbn_xla_forward_cuda);
+    cuda["backward"] = capsule(syncbn_xla_backward_cuda);
+    d["CUDA"] = cuda;
+#endif
+    return d;
+  });
+  // The id under which the handlers find `comm` (its attribute in the compiled call); the
+  // caller keeps `comm` alive.
+  m.def("xla_register_communicator",
+        [](syncbn::Communicator& comm) { return syncbn::xla::register_communicator(&comm); });
+#endif
 }

@@ -16,13 +16,16 @@ from conftest import ROOT, run_mpi
 def test_build_info_says_what_was_built():
     info = syncbn.build_info()
     for key in ("version", "cuda", "nccl", "mpi", "mpi_library_version", "threads", "openmp",
-                "cuda_devices", "cuda_runtime", "cuda_architectures", "nccl_version"):
+                "cuda_devices", "cuda_runtime", "cuda_architectures", "nccl_version", "jax",
+                "xla_ffi_api"):
         assert key in info
     assert info["version"] == syncbn.__version__
     assert info["mpi"] is True and "MPICH" in info["mpi_library_version"]
     assert info["threads"] >= 1
     assert isinstance(info["cuda"], bool) and isinstance(info["nccl"], bool)
     assert info["cuda"] or (info["cuda_devices"] == 0 and not info["nccl"])
+    assert isinstance(info["jax"], bool)
+    assert (info["xla_ffi_api"] is None) != info["jax"]  # the FFI version built against
 
 
 def test_threads_follow_SYNCBN_NUM_THREADS():

@@ -146,9 +146,22 @@ def test_mixed_precision_float16_inputs_give_the_compute_dtype():
 def test_other_backends_get_a_clear_error():
     with pytest.raises(RuntimeError, match=r"BatchNormalization\(synchronized=True\)"):
         _check_backend("tensorflow")
-    with pytest.raises(NotImplementedError, match="'jax' Keras backend"):
-        _check_backend("jax")
+    with pytest.raises(NotImplementedError, match="'numpy' Keras backend"):
+        _check_backend("numpy")
     _check_backend("torch")
+    _check_backend("jax")  # through syncbn.jax (tests/test_jax.py runs it)
+
+
+def test_renorm_raises_instead_of_being_ignored():
+    with pytest.raises(ValueError, match="^renorm, renorm_clipping: batch renormalization is "
+                                         "not supported"):
+        SyncBatchNormalization(renorm=True)
+    with pytest.raises(ValueError, match="^renorm"):
+        SyncBatchNormalization(renorm_clipping={"rmax": 2.0})
+    # A keras.layers.BatchNormalization config (renorm=False, synchronized=False) loads.
+    config = keras.layers.BatchNormalization(momentum=0.9).get_config()
+    layer = SyncBatchNormalization.from_config(config)
+    assert layer.momentum == 0.9
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -60,7 +60,7 @@ def build_info() -> dict:
 
 def __getattr__(name):
     # Adapters are imported on first use so `import syncbn` stays light.
-    if name in ("numpy", "cupy", "torch", "keras"):
+    if name in ("numpy", "cupy", "torch", "keras", "jax", "flax"):
         import importlib
 
         return importlib.import_module("." + name, __name__)

@@ -1,6 +1,6 @@
-"""Keras 3 SyncBatchNormalization with the tf.keras API, on Keras' torch backend.
+"""Keras 3 SyncBatchNormalization with the tf.keras API, on Keras' torch and JAX backends.
 
-    import os; os.environ["KERAS_BACKEND"] = "torch"
+    import os; os.environ["KERAS_BACKEND"] = "torch"   # or "jax"
     from syncbn.keras import SyncBatchNormalization
     layer = SyncBatchNormalization(axis=-1, momentum=0.99, epsilon=1e-3)
 
@@ -9,7 +9,10 @@ Keras conventions: ``moving = momentum * moving + (1 - momentum) * batch`` with 
 ``keras.layers.BatchNormalization`` (gamma, beta, moving_mean, moving_variance), so they
 transfer both ways. Training synchronizes over ``comm`` (default
 :func:`syncbn.comm.default`: torch.distributed if initialized, else MPI COMM_WORLD under
-an MPI launcher); inference uses the moving statistics and never communicates.
+an MPI launcher); inference uses the moving statistics and never communicates. On JAX the
+layer runs through :func:`syncbn.jax.batch_norm` (XLA FFI), so ``model.fit``'s jit-compiled
+train step synchronizes too; the moving statistics are assigned like any Keras state
+(``stateless_call`` returns them).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from .functional import new_layer_id
 __all__ = ["SyncBatchNormalization"]
 
 
+_SUPPORTED = ("torch", "jax")
+
+
 def _check_backend(name: str) -> None:
-    if name == "torch":
+    if name in _SUPPORTED:
         return
     if name == "tensorflow":
         raise RuntimeError(
@@ -36,7 +42,7 @@ def _check_backend(name: str) -> None:
         )
     raise NotImplementedError(
         f"syncbn.keras.SyncBatchNormalization: the {name!r} Keras backend is not supported "
-        "(only 'torch' is); set KERAS_BACKEND=torch before importing keras"
+        "(only 'torch' and 'jax' are); set KERAS_BACKEND=torch or jax before importing keras"
     )
 
 
@@ -69,8 +75,19 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                  beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
-                 gamma_constraint=None, comm=None, **kwargs):
+                 gamma_constraint=None, comm=None, renorm=False, renorm_clipping=None,
+                 renorm_momentum=0.99, synchronized=True, **kwargs):
         _check_backend(keras.backend.backend())
+        if renorm or renorm_clipping is not None:
+            raise ValueError(
+                "renorm, renorm_clipping: batch renormalization is not supported by "
+                "syncbn.keras.SyncBatchNormalization (it would need the renorm statistics "
+                "synchronized too); use renorm=False, or keras.layers.BatchNormalization"
+                "(renorm=True) without synchronization")
+        if not isinstance(synchronized, bool):
+            raise TypeError(f"synchronized: expected a bool, got {type(synchronized).__name__}")
+        # synchronized=False (a keras.layers.BatchNormalization config) is accepted: this
+        # layer always synchronizes, which is what it is for.
         axis = _axes(axis)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
@@ -148,11 +165,13 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         return self._resolved_comm
 
     def call(self, inputs, training=None, mask=None):
-        from .torch import _sync_batch_norm
-
         if mask is not None:
             raise ValueError("mask: SyncBatchNormalization does not support masks; drop the "
                              "mask before this layer")
+        if keras.backend.backend() == "jax":
+            return self._call_jax(inputs, bool(training) and self.trainable)
+        from .torch import _sync_batch_norm
+
         x = inputs
         if not x.dtype.is_floating_point:
             x = ops.cast(x, "float32")
@@ -181,6 +200,39 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         if len(axes) > 1:
             inverse = [perm.index(d) for d in range(x.ndim)]
             y = y.reshape([x.shape[d] for d in perm]).permute(inverse)
+        return ops.cast(y, self.compute_dtype)
+
+    def _call_jax(self, inputs, batch_stats):
+        import jax.numpy as jnp
+
+        from .jax import batch_norm
+
+        # As keras.layers.BatchNormalization: compute in float32 at least.
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        gamma = None if self.gamma is None else self.gamma.value
+        beta = None if self.beta is None else self.beta.value
+        mm, mv = self.moving_mean.value, self.moving_variance.value
+        axes = self._normalized_axes(x.ndim)
+        if len(axes) == 1:
+            axis, xin = axes[0], x
+        else:  # several axes: one channel axis of their product, then back
+            rest = [d for d in range(x.ndim) if d not in axes]
+            perm = rest + axes
+            xin = jnp.transpose(x, perm).reshape(math.prod(x.shape[d] for d in rest), -1)
+            axis = 1
+            gamma = None if gamma is None else gamma.reshape(-1)
+            beta = None if beta is None else beta.reshape(-1)
+            mm, mv = mm.reshape(-1), mv.reshape(-1)
+        y, (new_mean, new_var) = batch_norm(
+            xin, gamma, beta, (mm, mv), training=batch_stats, momentum=self.momentum,
+            epsilon=self.epsilon, axis=axis, comm=self.comm, layer=self._layer_id,
+            layer_name=self.name)
+        if len(axes) > 1:
+            inverse = [perm.index(d) for d in range(x.ndim)]
+            y = jnp.transpose(y.reshape([x.shape[d] for d in perm]), inverse)
+        if batch_stats:
+            self.moving_mean.assign(new_mean.reshape(self.moving_mean.shape))
+            self.moving_variance.assign(new_var.reshape(self.moving_variance.shape))
         return ops.cast(y, self.compute_dtype)
 
     def get_config(self):
