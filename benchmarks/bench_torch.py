@@ -177,6 +177,118 @@ def run_case(shape, memory_format, reps, syncbn, torch) -> dict:
     return res
 
 
+# ---- ResNet-18: every BatchNorm layer, and whole steps -----------------------------------------
+
+# The BatchNorm2d inputs of torchvision's ResNet-18 at batch 8, 96 px: (shape, layers).
+RESNET18_BN = [((8, 64, 48, 48), 1), ((8, 64, 24, 24), 4), ((8, 128, 12, 12), 5),
+               ((8, 256, 6, 6), 5), ((8, 512, 3, 3), 5)]
+
+
+def paired_ratio(t, a, b):
+    return statistics.median(p / q for p, q in zip(t[a], t[b], strict=True))
+
+
+def resnet18_layers(reps, syncbn, torch) -> dict:
+    """Each distinct BatchNorm input of ResNet-18 (batch 8, 96 px), NCHW and channels_last:
+    syncbn.torch.SyncBatchNorm (default communicator: a world of one here) against
+    torch.nn.BatchNorm2d as modules, fwd+bwd in training and forward in eval."""
+    out = {}
+    for shape, count in RESNET18_BN:
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format),
+                              ("channels_last", torch.channels_last)):
+            C = shape[1]
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(shape, generator=g).contiguous(memory_format=fmt).requires_grad_()
+            dy = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+            ours, ref = syncbn.torch.SyncBatchNorm(C), torch.nn.BatchNorm2d(C)
+
+            def train(m, x=x, dy=dy):
+                return lambda: torch.autograd.grad(m(x), (x, m.weight, m.bias), dy)
+
+            def evaluate(m, x=x):
+                def f():
+                    with torch.no_grad():
+                        return m(x)
+                return f
+
+            res = {"layers": count}
+            for mode in ("train fwd+bwd", "eval fwd"):
+                for m in (ours, ref):
+                    m.train(mode.startswith("train"))
+                make = train if mode.startswith("train") else evaluate
+                t, r = measure({"syncbn": make(ours), "torch": make(ref)}, reps)
+                res[mode] = {"syncbn_us": r["syncbn"]["median_s"] * 1e6,
+                             "torch_us": r["torch"]["median_s"] * 1e6,
+                             "ratio": r["syncbn"]["median_s"] / r["torch"]["median_s"],
+                             "ratio_paired": paired_ratio(t, "syncbn", "torch")}
+            out[f"{fmt_name} {shape}"] = res
+    return out
+
+
+def resnet18_steps(reps, syncbn, torch) -> dict:
+    """A whole training step (forward, backward, SGD) and an eval pass of torchvision's
+    ResNet-18 at batch 8, 96 px, converted against plain, NCHW and channels_last."""
+    import copy
+
+    import torchvision
+
+    out = {}
+    for fmt_name, fmt in (("NCHW", torch.contiguous_format),
+                          ("channels_last", torch.channels_last)):
+        torch.manual_seed(0)
+        plain = torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)
+        conv = syncbn.torch.convert_sync_batchnorm(copy.deepcopy(plain))
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(8, 3, 96, 96, generator=g).contiguous(memory_format=fmt)
+        target = torch.randint(0, 10, (8,), generator=g)
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in
+                (("syncbn", conv), ("torch", plain))}
+
+        def step(name, m, x=x, target=target, opts=opts):
+            def f():
+                m.train()
+                opts[name].zero_grad()
+                torch.nn.functional.cross_entropy(m(x), target).backward()
+                opts[name].step()
+            return f
+
+        def evaluate(m, x=x):
+            def f():
+                m.eval()
+                with torch.no_grad():
+                    return m(x)
+            return f
+
+        res = {}
+        for mode, make in (("train step", step), ("eval pass", None)):
+            fns = ({"syncbn": step("syncbn", conv), "torch": step("torch", plain)}
+                   if make else {"syncbn": evaluate(conv), "torch": evaluate(plain)})
+            t, r = measure(fns, reps)
+            res[mode] = {"syncbn_ms": r["syncbn"]["median_s"] * 1e3,
+                         "torch_ms": r["torch"]["median_s"] * 1e3,
+                         "ratio": r["syncbn"]["median_s"] / r["torch"]["median_s"],
+                         "ratio_paired": paired_ratio(t, "syncbn", "torch")}
+        out[fmt_name] = res
+    return out
+
+
+def report_resnet18(layers, steps):
+    print("\nResNet-18 (batch 8, 96 px), syncbn.torch.SyncBatchNorm vs torch.nn.BatchNorm2d, "
+          "medians in us; ratio = syncbn/torch (paired: median of per-rep ratios)")
+    print(f"  {'layer input':31s} {'n':>2s} {'train fwd+bwd':>27s} {'ratio':>6s} {'paired':>6s}"
+          f" {'eval fwd':>19s} {'ratio':>6s} {'paired':>6s}")
+    for name, r in layers.items():
+        a, b = r["train fwd+bwd"], r["eval fwd"]
+        print(f"  {name:31s} {r['layers']:2d} {a['syncbn_us']:12.0f} vs {a['torch_us']:9.0f}"
+              f" {a['ratio']:6.2f} {a['ratio_paired']:6.2f} {b['syncbn_us']:7.0f} vs "
+              f"{b['torch_us']:7.0f} {b['ratio']:6.2f} {b['ratio_paired']:6.2f}")
+    print("  whole model (ms):")
+    for fmt, r in steps.items():
+        for mode, d in r.items():
+            print(f"    {fmt:13s} {mode:10s} {d['syncbn_ms']:8.1f} vs {d['torch_ms']:8.1f}"
+                  f"  ratio {d['ratio']:.3f} (paired {d['ratio_paired']:.3f})")
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -189,6 +301,9 @@ def main() -> int:
     ap.add_argument("--malloc-keep", action="store_true",
                     help="rerun under glibc settings that keep freed memory (no page faults "
                     "from fresh 25 MB buffers), as bench_cpu.py --malloc-keep")
+    ap.add_argument("--resnet18", action="store_true",
+                    help="only the ResNet-18 section: every BatchNorm layer (train fwd+bwd, "
+                    "eval) and whole steps against torch (needs torchvision)")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 51)
     if args.malloc_keep:
@@ -214,6 +329,20 @@ def main() -> int:
           f"(threads={torch.get_num_threads()}); {os.cpu_count()} CPUs; {reps} reps after 2 "
           "warm-up calls, contenders interleaved"
           + (f"; {meta['malloc_env']}" if meta["malloc_env"] else ""))
+
+    if args.resnet18:
+        with Contention() as load:
+            layers = resnet18_layers(reps, syncbn, torch)
+            steps = resnet18_steps(max(5, reps // 3), syncbn, torch)
+        report_resnet18(layers, steps)
+        print(f"  during the section: {load}")
+        meta["wall_s"] = time.perf_counter() - t_start
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "resnet18_layers": layers, "resnet18_steps": steps,
+                           "contention": load.as_dict()}, f, indent=1)
+            print(f"wrote {args.json}")
+        return 0
 
     probe = probe_torch_syncbn(torch)
     print("\ntorch's own SyncBN on CPU:")

@@ -351,25 +351,35 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         return self._resolved.value
 
     def forward(self, input):
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        self._check_channels(input)
-        self._last_input_dim = input.dim()
-        sync = self.training  # PyTorch: batch statistics in training ...
-        bn_training = sync or (self.running_mean is None and self.running_var is None)
-        update = self.training and self.track_running_stats
-        if not sync:  # ... and no synchronization outside it: torch's own batch norm
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                self.bias, bn_training, 0.0, self.eps)
+        # Per call as little Python as torch.nn.BatchNorm2d's forward: no module
+        # __setattr__, each parameter read once.
+        nd = input.dim()
+        if nd < 2:
+            self._check_input_dim(input)
+        C = input.shape[1]
+        if C != self.num_features:
+            self._check_non_zero_input_channels(input)
+            self._check_channels(input)
+        if not input.is_floating_point():
+            self._check_channels(input)
+        d = self.__dict__
+        if d["_last_input_dim"] != nd:
+            d["_last_input_dim"] = nd
+        if not self.training:  # eval: no synchronization; torch's own batch norm
+            rm, rv = self.running_mean, self.running_var
+            return F.batch_norm(input, rm, rv, self.weight, self.bias,
+                                rm is None and rv is None, 0.0, self.eps)
         if self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got "
                              f"{self.eps}")
+        update = self.track_running_stats
         if torch.compiler.is_compiling():
             return self._forward_compiled(input, update)
+        weight, bias = self.weight, self.bias
         try:
-            if _transformed(input) or _transformed(self.weight) or _transformed(self.bias):
+            if _transformed(input) or _transformed(weight) or _transformed(bias):
                 return self._forward_composite(input, update)
-            return self._forward_eager(input, update)
+            return self._forward_eager(input, weight, bias, update)
         except (ValueError, TypeError) as e:
             raise _as_torch_error(e) from None
 
@@ -380,27 +390,26 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             return 1.0 / float(self.num_batches_tracked + 1)
         return float(self.momentum)
 
-    def _forward_eager(self, input, update):
+    def _forward_eager(self, input, weight, bias, update):
         rm = self.running_mean if update else None
         rv = self.running_var if update else None
-        comm = self.communicator(input)
+        comm = self._resolved.value or self.communicator(input)
         # Activation checkpointing: a recomputation reuses the first forward's statistics.
-        recompute = _recomputing()
-        if recompute and self._recompute.value:
-            for i in range(len(self._recompute.value) - 1, -1, -1):
-                shape, mean, invstd, count, c = self._recompute.value[i]
+        saved = self._recompute.value
+        if saved and _recomputing():
+            for i in range(len(saved) - 1, -1, -1):
+                shape, mean, invstd, count, c = saved[i]
                 if shape == input.shape and c is comm:
-                    del self._recompute.value[i]
-                    return _RecomputedFunction.apply(input, self.weight, self.bias, mean,
-                                                     invstd, count, comm, 1, True,
-                                                     self.layer_id, self.layer_name, self.eps)
+                    del saved[i]
+                    return _RecomputedFunction.apply(input, weight, bias, mean, invstd, count,
+                                                     comm, 1, True, self.layer_id,
+                                                     self.layer_name, self.eps)
         info = {"layer": self.layer_id, "name": self.layer_name}
-        y = _SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv,
-                                         self._factor(update), self.eps, comm, 1, True, info)
+        y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, self._factor(update),
+                                         self.eps, comm, 1, True, info)
         count = info["count"]
         if _may_be_recomputed():
-            self._recompute.value.append((input.shape, info["mean"], info["invstd"], count,
-                                          comm))
+            saved.append((input.shape, info["mean"], info["invstd"], count, comm))
         # Only after a successful call that saw data (all ranks agree on the global count):
         # a failed or all-empty step leaves every buffer as it was. On a device the count
         # stays there (no host sync): counted like PyTorch, empty steps included.
