@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 import warnings
 
@@ -342,3 +343,100 @@ def test_a_communicator_without_allreduce_is_a_type_error_before_any_collective(
         bn(torch.randn(4, 3))
     for k, t in bn.state_dict().items():
         assert torch.equal(t, before[k]), k
+
+
+# ---- torch's contract to the letter (torch.nn.SyncBatchNorm's class, signature, errors) ----
+
+
+def test_is_a_torch_syncbatchnorm_with_torchs_positional_signature_and_bias_false():
+    bn = sbt.SyncBatchNorm(3, 1e-5, 0.1, True, True, None, None, torch.float64, bias=False)
+    assert isinstance(bn, torch.nn.SyncBatchNorm) and bn.process_group is None
+    assert bn.weight is not None and bn.bias is None  # affine weight, no bias (torch >= 2.13)
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(bn.weight)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    g = torch.autograd.grad(bn(x), (x, bn.weight), dy)
+    gr = torch.autograd.grad(ref(x), (x, ref.weight), dy)
+    for a, b in zip(g, gr, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_convert_and_revert_keep_bias_false():
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3, bias=False))
+    s = sbt.convert_sync_batchnorm(net)
+    assert isinstance(s[1], sbt.SyncBatchNorm) and s[1].bias is None and s[1].weight is not None
+    back = sbt.revert_sync_batchnorm(s)
+    assert type(back[1]) is torch.nn.BatchNorm2d and back[1].bias is None
+
+
+def test_convert_takes_a_communicator_in_torchs_process_group_position():
+    comm = syncbn.comm.local()
+    net = sbt.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), comm)
+    assert net[0].process_group is None and net[0].communicator() is comm
+    bn = sbt.SyncBatchNorm(3, 1e-5, 0.1, True, True, comm)  # the same in the constructor
+    assert bn.process_group is None and bn.communicator() is comm
+    assert sbt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(3)).__class__ is \
+        sbt.SyncBatchNorm  # torch's classmethod spelling makes syncbn's layers too
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_not_positive_raises_in_training_like_torch(eps):
+    x = torch.randn(4, 3)
+    for m in (torch.nn.BatchNorm1d(3, eps=eps), sbt.SyncBatchNorm(3, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            m(x)
+    # eval: torch accepts eps == 0 and refuses a negative one; so do we (its own kernel)
+    outs = []
+    for m in (torch.nn.BatchNorm1d(3, eps=eps).eval(), sbt.SyncBatchNorm(3, eps=eps).eval()):
+        if eps < 0:
+            with pytest.raises(ValueError, match="non-negative"):
+                m(x)
+        else:
+            outs.append(m(x))
+    if outs:
+        torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_momentum_is_only_read_where_torch_reads_it():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bn = sbt.SyncBatchNorm(3, momentum=float("nan"), dtype=torch.float64).eval()
+    ref = torch.nn.BatchNorm1d(3, momentum=float("nan"), dtype=torch.float64).eval()
+    torch.testing.assert_close(bn(x), ref(x))  # eval ignores it
+    bn.train(), ref.train()
+    bn.momentum = ref.momentum = 1.5  # torch takes any number in training
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+DDP_SCRIPT = r"""
+import sys, tempfile, torch, torch.distributed as dist
+import syncbn.torch as sbt
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+net = sbt.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Linear(4, 3),
+                                                     torch.nn.BatchNorm1d(3)))
+ddp = torch.nn.parallel.DistributedDataParallel(net)
+ddp(torch.randn(5, 4)).sum().backward()
+print("has_sync_bn", ddp._get_ddp_logging_data().get("has_sync_bn"))
+print("comm", net[1].communicator().kind)
+try:
+    torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.SyncBatchNorm(3)))
+except ValueError as e:
+    print("torch's own:", e)
+"""
+
+
+def test_ddp_on_cpu_counts_it_as_syncbatchnorm_and_trains(tmp_path):
+    """DDP refuses torch's SyncBatchNorm on CPU (it cannot run there) and still does;
+    syncbn's layer, a torch.nn.SyncBatchNorm too, trains on CPU under DDP, which logs
+    has_sync_bn."""
+    out = subprocess.run([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120, cwd=WORKERS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "has_sync_bn 1" in out.stdout or "has_sync_bn True" in out.stdout, out.stdout
+    assert "comm python" in out.stdout  # the default group, as torch.distributed
+    assert "torch's own: SyncBatchNorm layers only work with GPU modules" in out.stdout
