@@ -274,8 +274,9 @@ def _is_comm(obj) -> bool:
     """A syncbn communicator, an mpi4py communicator, or a user object - not a
     torch.distributed process group."""
     dist = torch.distributed
-    if dist.is_available() and isinstance(obj, dist.ProcessGroup):
-        return False
+    if dist.is_available() and (isinstance(obj, dist.ProcessGroup)
+                                or obj is dist.GroupMember.NON_GROUP_MEMBER):
+        return False  # NON_GROUP_MEMBER: new_group's answer on a rank outside the group
     return obj is not None
 
 
