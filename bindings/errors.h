@@ -8,8 +8,24 @@
 namespace syncbn::bindings {
 
 // syncbn.CollectiveMismatchError (a RuntimeError), made by the _core module at import.
-inline PyObject*& collective_mismatch_type() {
+// Every module that registers these translators has its own copy of this static (each
+// extension is its own shared object), and nanobind tries the translator registered last
+// first, so a module other than _core finds the type through syncbn._core.
+inline PyObject*& collective_mismatch_slot() {
   static PyObject* type = nullptr;
+  return type;
+}
+
+inline PyObject* collective_mismatch_type() {
+  PyObject*& type = collective_mismatch_slot();
+  if (type == nullptr) {
+    PyObject* core = PyImport_ImportModule("syncbn._core");
+    if (core != nullptr) {
+      type = PyObject_GetAttrString(core, "CollectiveMismatchError");  // kept for good
+      Py_DECREF(core);
+    }
+    if (type == nullptr) PyErr_Clear();
+  }
   return type;
 }
 

@@ -195,7 +195,7 @@ NB_MODULE(_core, m) {
       "Ranks reduced different things in one all-reduce (another layer, operation, channel "
       "axis, channel count or call count). Raised on every rank, before anything is written.",
       PyExc_RuntimeError, nullptr);
-  syncbn::bindings::collective_mismatch_type() = mismatch;
+  syncbn::bindings::collective_mismatch_slot() = mismatch;
   m.attr("CollectiveMismatchError") = nb::borrow(mismatch);
 
   nb::class_<syncbn::Communicator>(m, "Communicator", nb::dynamic_attr())

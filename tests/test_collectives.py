@@ -73,6 +73,28 @@ def test_a_rank_a_call_ahead_is_caught():
         syncbn.batch_norm_gather_stats(reduce(*bufs))
 
 
+
+def test_the_error_type_survives_loading_every_extension():
+    """build_info() loads syncbn._cuda where it was built; that module registers its own
+    exception translator, which nanobind tries before _core's. A mismatch must still be a
+    CollectiveMismatchError (CI once saw a bare RuntimeError after build_info()). In a fresh
+    process, so the order of the tests does not matter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, syncbn\n"
+        "syncbn.build_info()\n"
+        "x = np.ones((2, 3, 2))\n"
+        "b = [syncbn.batch_norm_stats(x, layer=1, call=c) for c in (1, 2)]\n"
+        "try:\n"
+        "    syncbn.batch_norm_gather_stats(b[0] + b[1])\n"
+        "except syncbn.CollectiveMismatchError:\n"
+        "    print('mismatch', syncbn.build_info()['cuda'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("mismatch"), out.stderr
+
 _fresh = itertools.count(10_000)
 
 

@@ -118,12 +118,14 @@ def test_compiled_training_equals_eager_aot_eager_channels_last():
     torch.testing.assert_close(fn(x), eager(x), rtol=1e-10, atol=1e-10)
 
 
-def test_an_all_empty_compiled_step_leaves_the_buffers():
+def test_an_all_empty_compiled_step_counts_and_leaves_the_statistics():
     net = model()
     fn = torch.compile(copy.deepcopy(net).bn0, fullgraph=True, backend="aot_eager")
     bn = fn._orig_mod
     before = {k: t.clone() for k, t in bn.state_dict().items()}
     y = fn(torch.randn(0, 6, 4, 4, dtype=torch.float64))
     assert y.shape == (0, 6, 4, 4)
+    # As torch's BatchNorm and SyncBatchNorm: the step counts, the statistics stay.
+    assert int(bn.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
     for k, t in bn.state_dict().items():
-        assert torch.equal(t, before[k]), k
+        assert k == "num_batches_tracked" or torch.equal(t, before[k]), k

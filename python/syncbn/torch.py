@@ -274,8 +274,9 @@ def _is_comm(obj) -> bool:
     """A syncbn communicator, an mpi4py communicator, or a user object - not a
     torch.distributed process group."""
     dist = torch.distributed
-    if dist.is_available() and isinstance(obj, dist.ProcessGroup):
-        return False
+    if dist.is_available() and (isinstance(obj, dist.ProcessGroup)
+                                or obj is dist.GroupMember.NON_GROUP_MEMBER):
+        return False  # NON_GROUP_MEMBER: new_group's answer on a rank outside the group
     return obj is not None
 
 
@@ -410,21 +411,20 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         count = info["count"]
         if _may_be_recomputed():
             saved.append((input.shape, info["mean"], info["invstd"], count, comm))
-        # Only after a successful call that saw data (all ranks agree on the global count):
-        # a failed or all-empty step leaves every buffer as it was. On a device the count
-        # stays there (no host sync): counted like PyTorch, empty steps included.
-        if update and self.num_batches_tracked is not None and (
-                not isinstance(count, float) or count > 0):
+        # Only after a successful call (a failed one leaves every buffer as it was); an
+        # all-empty step counts, as in torch's BatchNorm and SyncBatchNorm (its running
+        # stats stay as they were).
+        if update and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return y
 
     def _forward_composite(self, input, update):
         comm = self.communicator(input)
-        y, n = _composite(input, self.weight, self.bias, comm, 1, self.layer_id,
+        y, _ = _composite(input, self.weight, self.bias, comm, 1, self.layer_id,
                           self.layer_name, self.eps, True,
                           self.running_mean if update else None,
                           self.running_var if update else None, self._factor(update))
-        if update and self.num_batches_tracked is not None and n > 0:
+        if update and self.num_batches_tracked is not None:
             with torch.no_grad(), torch._C._DisableFuncTorch():  # a captured buffer
                 self.num_batches_tracked.add_(1)
         return y
@@ -437,7 +437,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         else:
             momentum = torch.tensor(float(self.momentum or 0.0) if update else 0.0,
                                     dtype=torch.float64)
-        y, _, _, count, rm, rv, _TOKEN = _ops.batch_norm(
+        y, _, _, _, rm, rv, _TOKEN = _ops.batch_norm(
             input, self.weight, self.bias, self.running_mean if update else None,
             self.running_var if update else None, momentum, _TOKEN, True, self.eps,
             self._comm_key, self.layer_id, self.layer_name, 1, True)
@@ -446,7 +446,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 self.running_mean.copy_(rm)
                 self.running_var.copy_(rv)
                 if nbt is not None:
-                    nbt.add_((count[0] > 0).to(nbt.dtype))
+                    nbt.add_(1)
         return y
 
     @classmethod
