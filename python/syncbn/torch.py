@@ -355,17 +355,16 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         # Per call as little Python as torch.nn.BatchNorm2d's forward: no module
         # __setattr__, each parameter read once.
         nd = input.dim()
-        if nd < 2:
+        d = self.__dict__
+        if d["_last_input_dim"] != nd:  # the rank check (a subclass's too) once per rank
             self._check_input_dim(input)
+            d["_last_input_dim"] = nd
         C = input.shape[1]
         if C != self.num_features:
             self._check_non_zero_input_channels(input)
             self._check_channels(input)
         if not input.is_floating_point():
             self._check_channels(input)
-        d = self.__dict__
-        if d["_last_input_dim"] != nd:
-            d["_last_input_dim"] = nd
         if not self.training:  # eval: no synchronization; torch's own batch norm
             rm, rv = self.running_mean, self.running_var
             return F.batch_norm(input, rm, rv, self.weight, self.bias,
