@@ -35,6 +35,29 @@ def test_threads_follow_SYNCBN_NUM_THREADS():
     assert out.stdout.strip() == "3"
 
 
+@pytest.mark.parametrize("env,expect", [
+    ({"OMP_NUM_THREADS": "1"}, 1),
+    ({"SYNCBN_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, 3),
+    ({"MPI_LOCALNRANKS": "2"}, "half"),  # MPICH's Hydra
+    ({"LOCAL_WORLD_SIZE": "64"}, 1),  # torchrun, more ranks than CPUs
+    ({}, "all"),
+])
+def test_default_threads_share_the_host_with_the_other_local_ranks(env, expect):
+    """Two ranks on two CPUs each spinning two threads took 40 ms a call instead of 0.2 ms
+    (benchmarks/bench_fingerprint.py under mpiexec -n 2): by default a rank takes its share
+    of the CPUs it may use."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    code = "import syncbn; print(syncbn.build_info()['threads'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", **env}, check=True)
+    want = {"half": max(1, cpus // 2), "all": cpus}.get(expect, expect)
+    if cpus < (os.cpu_count() or cpus) and expect == "half":
+        want = cpus  # this process is bound to some CPUs: they are its own
+    assert int(out.stdout) == want
+
+
 def test_extension_has_no_rpath_into_the_build_environment():
     so = next(Path(syncbn._core.__file__).parent.glob("_core*"))
     dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True,

@@ -110,24 +110,25 @@ template <class... Args>
 void check_reduced(const double* buf, const Expected& e) {
   const int64_t C = e.channels;
   const double* s = buf + 2 * C + 1;
-  const std::string who = e.comm ? "comm " + describe(*e.comm) : std::string("buffer");
+  // Named only when something fails: a string per call costs more than the checks.
+  const auto who = [&] { return e.comm ? "comm " + describe(*e.comm) : std::string("buffer"); };
   const double ranks = e.comm ? double(e.comm->size()) : 0.0;
   const CollectiveKey key =
       e.mine ? CollectiveKey{e.mine->layer, e.mine->layer_name, e.mine->verify} : e.key;
   int v = fp::verdict(s, ranks, int(e.op));
   if (v == 1) {
     if (e.comm)
-      fail<CommError>(who, ": the all-reduce summed ", s[fp::kRanks],
+      fail<CommError>(who(), ": the all-reduce summed ", s[fp::kRanks],
                       " ranks' contributions, expected ", ranks,
                       " (the communicator's size): it must sum the buffer in place across all of "
                       "its ranks");
-    fail(who, ": expected an all-reduced buffer from batch_norm_",
+    fail(who(), ": expected an all-reduced buffer from batch_norm_",
          e.op == CollectiveOp::Forward ? "stats" : "backward_reduce",
          " (its rank slot holds a whole number of ranks >= 1), got ", s[fp::kRanks]);
   }
   if (v != 0 && key.verify) {
     if (v == 3 && !e.mine)
-      fail(who, ": expected ", op_name(e.op), " (from batch_norm_",
+      fail(who(), ": expected ", op_name(e.op), " (from batch_norm_",
            e.op == CollectiveOp::Forward ? "stats" : "backward_reduce",
            ") all-reduced, got a buffer of ", e.op == CollectiveOp::Forward ? op_name(CollectiveOp::Backward) : op_name(CollectiveOp::Forward));
     std::string mine;
@@ -148,21 +149,21 @@ void check_reduced(const double* buf, const Expected& e) {
   }
   const double N = buf[2 * C];
   if (!whole(N) || N < 0 || N > 9007199254740992.0 || (e.local_count >= 0 && N < e.local_count))
-    bad_reduction(e, who, ": the all-reduced count is ", N, ", expected a whole number >= ",
+    bad_reduction(e, who(), ": the all-reduced count is ", N, ", expected a whole number >= ",
                     e.local_count >= 0 ? e.local_count : 0.0,
                     e.local_count >= 0 ? " (this rank's count)" : "",
                     ": the communicator must sum the buffer in place across its ranks");
   if (e.count >= 0 && N != e.count)
-    fail<CommError>(who, ": the backward all-reduce counted ", N,
+    fail<CommError>(who(), ": the backward all-reduce counted ", N,
                     " values per channel, but the forward counted ", e.count);
   const double nf = s[fp::kNonFinite];
   if (!whole(nf) || nf < 0 || nf > s[fp::kRanks])
-    bad_reduction(e, who, ": the all-reduced non-finite flag is ", nf, ", expected a whole number in [0, ",
+    bad_reduction(e, who(), ": the all-reduced non-finite flag is ", nf, ", expected a whole number in [0, ",
                     s[fp::kRanks], "]");
   if (nf == 0)
     for (int64_t i = 0; i < 2 * C; ++i)
       if (!std::isfinite(buf[i]))
-        bad_reduction(e, who, ": the all-reduce returned a non-finite sum (", buf[i],
+        bad_reduction(e, who(), ": the all-reduce returned a non-finite sum (", buf[i],
                         " at index ", i, ") although every rank's values were finite");
 }
 
