@@ -284,7 +284,8 @@ NB_MODULE(_core, m) {
                                                make_key(layer, name, verify, call));
       },
       "buffer"_a.none(), "momentum"_a, "eps"_a, "running_mean"_a.none(), "running_var"_a.none(),
-      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0, SYNCBN_PRIMITIVE_KEY_ARGS);
+      "mean"_a.none(), "invstd"_a.none(), "var"_a.none(), "stream"_a = 0,
+      SYNCBN_PRIMITIVE_KEY_ARGS);
 
   m.def(
       "batch_norm_elemt",

@@ -37,8 +37,8 @@ void uncount(const Fingerprint& f) {
 
 }  // namespace
 
-Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
-                             const CollectiveKey& key, Communicator* comm) {
+Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis, const CollectiveKey& key,
+                             Communicator* comm) {
   Fingerprint f;
   f.op = op;
   f.channels = channels;
@@ -130,7 +130,9 @@ void check_reduced(const double* buf, const Expected& e) {
     if (v == 3 && !e.mine)
       fail(who(), ": expected ", op_name(e.op), " (from batch_norm_",
            e.op == CollectiveOp::Forward ? "stats" : "backward_reduce",
-           ") all-reduced, got a buffer of ", e.op == CollectiveOp::Forward ? op_name(CollectiveOp::Backward) : op_name(CollectiveOp::Forward));
+           ") all-reduced, got a buffer of ",
+           e.op == CollectiveOp::Forward ? op_name(CollectiveOp::Backward)
+                                         : op_name(CollectiveOp::Forward));
     std::string mine;
     if (e.mine)
       mine = detail::cat("this rank reduced ", describe(*e.mine), ", with C=", e.mine->channels,
@@ -149,22 +151,22 @@ void check_reduced(const double* buf, const Expected& e) {
   }
   const double N = buf[2 * C];
   if (!whole(N) || N < 0 || N > 9007199254740992.0 || (e.local_count >= 0 && N < e.local_count))
-    bad_reduction(e, who(), ": the all-reduced count is ", N, ", expected a whole number >= ",
-                    e.local_count >= 0 ? e.local_count : 0.0,
-                    e.local_count >= 0 ? " (this rank's count)" : "",
-                    ": the communicator must sum the buffer in place across its ranks");
+    bad_reduction(e, who(), ": the all-reduced count is ", N,
+                  ", expected a whole number >= ", e.local_count >= 0 ? e.local_count : 0.0,
+                  e.local_count >= 0 ? " (this rank's count)" : "",
+                  ": the communicator must sum the buffer in place across its ranks");
   if (e.count >= 0 && N != e.count)
     fail<CommError>(who(), ": the backward all-reduce counted ", N,
                     " values per channel, but the forward counted ", e.count);
   const double nf = s[fp::kNonFinite];
   if (!whole(nf) || nf < 0 || nf > s[fp::kRanks])
-    bad_reduction(e, who(), ": the all-reduced non-finite flag is ", nf, ", expected a whole number in [0, ",
-                    s[fp::kRanks], "]");
+    bad_reduction(e, who(), ": the all-reduced non-finite flag is ", nf,
+                  ", expected a whole number in [0, ", s[fp::kRanks], "]");
   if (nf == 0)
     for (int64_t i = 0; i < 2 * C; ++i)
       if (!std::isfinite(buf[i]))
         bad_reduction(e, who(), ": the all-reduce returned a non-finite sum (", buf[i],
-                        " at index ", i, ") although every rank's values were finite");
+                      " at index ", i, ") although every rank's values were finite");
 }
 
 }  // namespace syncbn

@@ -36,8 +36,7 @@ constexpr double kMaxWorld = 262143;  // 2^18 - 1: keeps W * sum(v^2) below 2^53
 // ranks' fingerprints differ; 3 they agree, on another operation than `op`.
 SYNCBN_HD int verdict(const double* s, double ranks, int op) {
   const double w = s[kRanks];
-  if (!(w >= 1 && w <= kMaxWorld && w == double(int64_t(w))) || (ranks > 0 && w != ranks))
-    return 1;
+  if (!(w >= 1 && w <= kMaxWorld && w == double(int64_t(w))) || (ranks > 0 && w != ranks)) return 1;
   for (int j = 0; j < kChunks; ++j)
     if (w * s[kSumSq + j] != s[kSum + j] * s[kSum + j]) return 2;
   return s[kSum] == w * double(op) ? 0 : 3;
@@ -47,10 +46,10 @@ SYNCBN_HD int verdict(const double* s, double ranks, int op) {
 // kernels that consume a reduced buffer run this check instead and, when it fails, write
 // NaN where they would have written results and leave running statistics alone.
 struct DeviceCheck {
-  int op = 1;                // CollectiveOp
-  double ranks = 0;          // the communicator's size (0: unknown, primitives)
-  double local_count = -1;   // this rank's count per channel (-1: unknown)
-  bool verify = true;        // judge the fingerprint (the rank and count checks always run)
+  int op = 1;               // CollectiveOp
+  double ranks = 0;         // the communicator's size (0: unknown, primitives)
+  double local_count = -1;  // this rank's count per channel (-1: unknown)
+  bool verify = true;       // judge the fingerprint (the rank and count checks always run)
 };
 
 // The whole-buffer part of the check (every thread of a kernel reaches the same answer):
@@ -86,8 +85,8 @@ struct Fingerprint {
 
 // Builds the fingerprint of a call: counted on `comm` (per layer and direction), or, for
 // the primitives (comm null), with the caller's key.call. `axis`: the non-negative axis.
-Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis,
-                             const CollectiveKey& key, Communicator* comm);
+Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis, const CollectiveKey& key,
+                             Communicator* comm);
 
 // Writes fp's slots behind a host buffer's payload and count (buf[2C + 1 ...]), with the
 // non-finite flag taken from buf[0 .. 2C).
@@ -97,8 +96,8 @@ void write_fingerprint(const Fingerprint& fp, double* buf);
 struct Expected {
   CollectiveOp op = CollectiveOp::Forward;
   int64_t channels = 0;
-  const Fingerprint* mine = nullptr;  // this rank's fingerprint (names it in the error)
-  CollectiveKey key{};                // for the primitives, where `mine` is unknown
+  const Fingerprint* mine = nullptr;   // this rank's fingerprint (names it in the error)
+  CollectiveKey key{};                 // for the primitives, where `mine` is unknown
   const Communicator* comm = nullptr;  // its size is the expected number of ranks
   double local_count = -1;             // this rank's count per channel (-1: unknown)
   double count = -1;                   // backward: the forward's global count (-1: unknown)

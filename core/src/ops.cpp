@@ -142,7 +142,8 @@ void local_stats(const TensorView& x, int axis, double* buf) {
     const void* xp = lay.input(x);
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
       const T* p = static_cast<const T*>(xp);
-      for (int64_t c = 0; c < C; ++c) shift[size_t(c)] = moment_shift(load<double>(p + c * g.inner));
+      for (int64_t c = 0; c < C; ++c)
+        shift[size_t(c)] = moment_shift(load<double>(p + c * g.inner));
     });
     cpu::batch_norm_stats(xp, x.dtype, g, shift.data(), t1.data(), t2.data());
   }
@@ -259,8 +260,7 @@ void batch_norm_stats(const TensorView& x, int axis, const TensorView& buffer, v
                       const CollectiveKey& key) {
   axis = check_input(x, "x", axis);
   const int64_t C = x.shape[axis];
-  check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true,
-            "stats_buffer_size(channels)");
+  check_f64(buffer, "buffer", stats_buffer_size(C), x.device, true, "stats_buffer_size(channels)");
   const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, key, nullptr);
   if (auto* b = on_device(x.device)) return b->batch_norm_stats(x, axis, buffer, f, stream);
   Vec buf(static_cast<size_t>(stats_buffer_size(C)));
@@ -296,8 +296,7 @@ double allreduce_checked(const TensorView& buffer, bool backward, int axis, Comm
   double* buf = static_cast<double*>(buffer.data);
   const double n = buf[2 * P];
   if (!std::isfinite(n) || n < 0 || n != std::floor(n))
-    fail("buffer: expected this rank's count (a whole number >= 0) at index ", 2 * P, ", got ",
-         n);
+    fail("buffer: expected this rank's count (a whole number >= 0) at index ", 2 * P, ", got ", n);
   const CollectiveOp op = backward ? CollectiveOp::Backward : CollectiveOp::Forward;
   const Fingerprint f = next_fingerprint(op, P, axis, key, &comm);
   write_fingerprint(f, buf);
@@ -388,8 +387,8 @@ void batch_norm_backward_reduce(const TensorView& dy, const TensorView& x, int a
   check_vec(grad_bias, "grad_bias", C, x.device, true);
   const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, key, nullptr);
   if (auto* b = on_device(x.device))
-    return b->batch_norm_backward_reduce(dy, x, axis, mean, invstd, sums, grad_weight, grad_bias,
-                                         f, stream);
+    return b->batch_norm_backward_reduce(dy, x, axis, mean, invstd, sums, grad_weight, grad_bias, f,
+                                         stream);
   const Vec m = read_vec(mean), s = read_vec(invstd);
   Vec buf(static_cast<size_t>(backward_buffer_size(C)));
   backward_reduce(dy, x, axis, m.data(), buf.data(), buf.data() + C);
@@ -427,8 +426,8 @@ void batch_norm_backward_elemt(const TensorView& dy, const TensorView& x, int ax
   const double n = double(count_per_channel(x, axis));
   if (!std::isfinite(count) || count != std::floor(count) || count < n ||
       (count <= 0 && x.numel() > 0))
-    fail("count: expected the global count per channel (a whole number, at least this rank's ",
-         n, "), got ", count);
+    fail("count: expected the global count per channel (a whole number, at least this rank's ", n,
+         "), got ", count);
   const Vec m = read_vec(mean), s = read_vec(invstd), sm = read_vec(sums);
   Expected e;
   e.op = CollectiveOp::Backward;

@@ -115,8 +115,8 @@ class PrimitivesBatchNorm final : public mlp::BatchNorm {
     syncbn::allreduce(mlp::view(stats), comm_);  // 2. the one collective
     const auto rm = mlp::view(running_mean), rv = mlp::view(running_var);
     count_ = syncbn::batch_norm_gather_stats(mlp::view(stats), kMomentum, kEps, &rm, &rv,
-                                             mlp::view(mean_), mlp::view(invstd_), nullptr,
-                                             nullptr, key);  // 3. checks the fingerprint
+                                             mlp::view(mean_), mlp::view(invstd_), nullptr, nullptr,
+                                             key);  // 3. checks the fingerprint
     const auto w = mlp::view(weight), b = mlp::view(bias);
     syncbn::batch_norm_elemt(mlp::view(x), axis, mlp::view(mean_), mlp::view(invstd_), &w, &b,
                              mlp::view(y));  // 4.

@@ -79,7 +79,7 @@ struct SyncBatchNormFunction : torch::autograd::Function<SyncBatchNormFunction> 
         *DLPackView(saved[2], "save_mean", true), *DLPackView(saved[3], "save_invstd", true),
         DLPackView(weight, "weight", true).get(), opt, comm, dxv.get(), dwv.get(), dbv.get());
     // One gradient per forward input; none for the running stats and the scalars.
-    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
+    return {dx,           dw,           db,           at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -119,8 +119,8 @@ struct ForwardOptions {
 // Whole forward: stats -> one all-reduce -> checks -> gather (+running stats) -> elemt in
 // training; running stats -> elemt in eval (no communication). Writes y and the float64
 // save_mean / save_invstd (length C) the backward needs. The checks (fingerprint, then
-// the reduced count and sums) throw before anything is written. Returns the global count (0: y is empty and
-// nothing else was written). On a device nothing is read back to the host: the count is
+// the reduced count and sums) throw before anything is written. Returns the global count (0: y is
+// empty and nothing else was written). On a device nothing is read back to the host: the count is
 // written to `save_count` (float64 (1,) on x's device, required there) and NaN returned.
 double forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
                const TensorView* running_mean, const TensorView* running_var,

@@ -63,12 +63,15 @@ void MpiCommunicator::allreduce_sum(double* data, int64_t count, Device device, 
     check_mpi(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test");
     if (done) return;
     // Spin first (a small all-reduce completes within microseconds), then yield the core.
-    if (polls > 2000) std::this_thread::sleep_for(std::chrono::microseconds(polls > 20000 ? 500 : 20));
+    if (polls > 2000)
+      std::this_thread::sleep_for(std::chrono::microseconds(polls > 20000 ? 500 : 20));
     if (clock::now() - start > limit)
-      fail<CommError>("comm <mpi rank ", rank_, " of ", size_, ">: the all-reduce did not complete within ",
-                      timeout_, " s (the communicator's timeout): another rank did not reach this "
-                      "collective (it exited, hangs, or runs fewer SyncBN collectives); the request "
-                      "is left pending, so end the job (python -m mpi4py aborts it on this error)");
+      fail<CommError>(
+          "comm <mpi rank ", rank_, " of ", size_, ">: the all-reduce did not complete within ",
+          timeout_,
+          " s (the communicator's timeout): another rank did not reach this "
+          "collective (it exited, hangs, or runs fewer SyncBN collectives); the request "
+          "is left pending, so end the job (python -m mpi4py aborts it on this error)");
   }
 }
 

@@ -33,8 +33,7 @@ static int detect_threads() {
   int cpus = host > 0 ? host : 1;
 #ifdef __linux__
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
-    cpus = CPU_COUNT(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) cpus = CPU_COUNT(&set);
 #endif
   if (host > 0 && cpus < host) return cpus;  // bound by the launcher: these are its own
   return std::max(1, cpus / local_ranks());
