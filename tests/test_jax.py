@@ -309,6 +309,47 @@ def test_flax_linen_batchnorm_has_flax_variables():
     assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
+def test_flax_linen_init_normalizes_with_the_local_batch_like_flax():
+    """flax.linen.BatchNorm's init output uses the batch's statistics (without axis_name)
+    and leaves the running ones at their initial values; so does syncbn's, without a
+    collective (flax's own test_batch_norm checks the output)."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), (4, 3, 2)) * 3 + 1
+    y, v = sbf.LinenBatchNorm(use_running_average=False).init_with_output(
+        jax.random.key(0), x)
+    y_ref, v_ref = nn.BatchNorm(use_running_average=False).init_with_output(
+        jax.random.key(0), x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, v, v_ref)
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype,dtype", [
+    ("float32", "float32", "float16"), ("float32", "float16", None),
+    ("bfloat16", "float32", None), ("float16", "float16", "float16")])
+def test_flax_dtypes_are_flax_normalize_dtypes(x_dtype, param_dtype, dtype):
+    """Computed in the promotion of x, scale and bias (x is not rounded to `dtype` first),
+    returned in `dtype` when given: flax's _normalize, for linen and for nnx (whose default
+    promote_dtype casts x to `dtype` first, as flax's does)."""
+    import flax.linen as nn
+    from flax import nnx
+
+    x = (jax.random.normal(jax.random.key(1), (6, 3)) * 3 + 1).astype(x_dtype)
+    kw = dict(use_running_average=False, dtype=dtype, param_dtype=param_dtype)
+    y, _ = sbf.LinenBatchNorm(**kw).init_with_output(jax.random.key(0), x)
+    y_ref, _ = nn.BatchNorm(**kw).init_with_output(jax.random.key(0), x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(f32(y), f32(y_ref), rtol=1e-2, atol=1e-2)
+    for promote in (None, lambda a, **_: a):  # flax's default, and none (as linen)
+        extra = {} if promote is None else {"promote_dtype": promote}
+        ours = sbf.BatchNorm(3, **kw, **extra, rngs=nnx.Rngs(0))
+        ref = nnx.BatchNorm(3, **kw, **extra, rngs=nnx.Rngs(0))
+        y, y_ref = ours(x), ref(x)
+        assert y.dtype == y_ref.dtype
+        np.testing.assert_allclose(f32(y), f32(y_ref), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(ours.var[...], ref.var[...], rtol=1e-3)
+
+
 def test_import_syncbn_and_other_adapters_never_import_jax():
     code = ("import sys, syncbn, syncbn.numpy, syncbn.comm; syncbn.build_info(); "
             "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', "

@@ -177,11 +177,27 @@ def test_bad_arguments_are_named(kwargs, exc, match):
         SyncBatchNormalization(**kwargs)
 
 
-def test_axis_out_of_range_and_masks_are_clear_errors():
+def test_axis_out_of_range_and_masks_in_training_are_clear_errors():
     with pytest.raises(ValueError, match=r"^axis: expected axes in \[-2, 2\)"):
         SyncBatchNormalization(axis=3)(np.zeros((4, 3), "float32"))
-    with pytest.raises(ValueError, match="mask: SyncBatchNormalization does not support"):
-        SyncBatchNormalization()(np.zeros((4, 3, 2), "float32"), mask=np.ones((4, 3), bool))
+    x, mask = np.zeros((4, 3, 2), "float32"), np.ones((4, 3), bool)
+    with pytest.raises(ValueError, match="mask: SyncBatchNormalization does not support masks "
+                                         "in training"):
+        SyncBatchNormalization()(x, mask=mask, training=True)
+    with pytest.raises(ValueError, match=r"mask: expected one dimension less than the inputs"):
+        SyncBatchNormalization()(x, mask=np.ones((4,), bool))
+
+
+def test_inference_ignores_a_mask_as_keras_does():
+    """Keras' Masking before the layer: inference (and trainable=False) uses the moving
+    statistics, which a mask does not change (keras' test_correctness checks this)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 2)).astype("float32")
+    mask = np.array([[1, 1, 0]] * 4, bool)
+    layer = SyncBatchNormalization(moving_mean_initializer="random_uniform")
+    np.testing.assert_allclose(np_(layer(x, mask=mask)), np_(layer(x)))
+    layer.trainable = False
+    np.testing.assert_allclose(np_(layer(x, mask=mask, training=True)), np_(layer(x)))
 
 
 def test_eval_never_communicates():

@@ -48,6 +48,15 @@ def _int_axis(axis) -> int:
     return axis
 
 
+def _dtypes(x, scale, bias, dtype):
+    """Flax's _normalize dtypes: computed in the promotion of x, scale and bias (x is not
+    rounded to ``dtype`` first), returned in ``dtype`` if given, else that promotion."""
+    args = [a for a in (x, scale, bias) if a is not None]
+    compute, out = canonicalize_dtype(*args), canonicalize_dtype(*args, dtype=dtype)
+    cast = [None if a is None else jnp.asarray(a, compute) for a in (x, scale, bias)]
+    return (*cast, out)
+
+
 def _resolve(comm):
     # mpi4py communicators are not hashable (NNX keeps static attributes in its graph
     # definitions): keep syncbn's communicator object instead.
@@ -82,10 +91,11 @@ class BatchNorm(nnx.BatchNorm):
                              "to the constructor, to the call, or use model.train()/eval())")
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
-        # Flax's promotion: x, scale and bias in one dtype (float32 for a bfloat16 x with
-        # float32 parameters, unless dtype says otherwise).
+        # Flax's promotion: x, scale and bias in self.dtype (by default; a model may give
+        # its own promote_dtype), then flax's _normalize dtypes.
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        x, scale, bias, out_dtype = _dtypes(x, scale, bias, self.dtype)
         training = not use_running_average
         y, (mean, var) = batch_norm(
             x, scale, bias, (self.mean[...], self.var[...]), training=training,
@@ -94,7 +104,7 @@ class BatchNorm(nnx.BatchNorm):
         if training:
             self.mean[...] = mean
             self.var[...] = var
-        return y
+        return jnp.asarray(y, out_dtype)
 
 
 def _path_id(path: tuple) -> int:
@@ -107,7 +117,8 @@ def _path_id(path: tuple) -> int:
 class LinenBatchNorm(nn.BatchNorm):
     """``flax.linen.BatchNorm`` with the statistics of the global batch: the same fields
     and variables (``params``: scale, bias; ``batch_stats``: mean, var), plus ``comm``.
-    Initialization never communicates (statistics are not updated then, as in flax).
+    Initialization never communicates: as in flax, it normalizes with the local batch's
+    statistics (training) and does not update the running ones.
     ``force_float32_reductions`` must stay True (statistics are float32); the other
     limits are those of :class:`BatchNorm`."""
 
@@ -129,20 +140,20 @@ class LinenBatchNorm(nn.BatchNorm):
             if self.use_scale else None
         bias = self.param("bias", self.bias_init, (C,), self.param_dtype) \
             if self.use_bias else None
-        # Flax's result dtype (x, scale and bias promoted, unless dtype says otherwise).
-        dtype = canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        x = jnp.asarray(x, dtype)
-        # Initialization: shapes only, no collective (one rank may initialize alone).
-        training = not use_running_average and not self.is_initializing()
+        x, scale, bias, out_dtype = _dtypes(x, scale, bias, self.dtype)
+        training = not use_running_average
+        # Initialization normalizes with this rank's batch statistics and keeps the initial
+        # ones, as flax (which leaves out axis_name then): no collective, so one rank may
+        # initialize alone.
+        initializing = self.is_initializing()
         y, (mean, var) = batch_norm(
-            x, None if scale is None else jnp.asarray(scale, dtype),
-            None if bias is None else jnp.asarray(bias, dtype), (ra_mean.value, ra_var.value),
-            training=training, momentum=self.momentum, epsilon=self.epsilon, axis=axis,
-            comm=self.comm, layer=_path_id(self.scope.path),
-            layer_name="/".join(map(str, self.scope.path)))
-        if training:
+            x, scale, bias, (ra_mean.value, ra_var.value), training=training,
+            momentum=self.momentum, epsilon=self.epsilon, axis=axis,
+            comm=_comm.local() if initializing else self.comm,
+            layer=_path_id(self.scope.path), layer_name="/".join(map(str, self.scope.path)))
+        if training and not initializing:
             ra_mean.value, ra_var.value = mean, var
-        return y
+        return jnp.asarray(y, out_dtype)
 
 
 # Linen names submodules after their class ("BatchNorm_0"): the same name as flax's keeps

@@ -165,17 +165,24 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         return self._resolved_comm
 
     def call(self, inputs, training=None, mask=None):
+        batch_stats = bool(training) and self.trainable
         if mask is not None:
-            raise ValueError("mask: SyncBatchNormalization does not support masks; drop the "
-                             "mask before this layer")
+            if len(mask.shape) != len(inputs.shape) - 1:
+                raise ValueError(f"mask: expected one dimension less than the inputs, got "
+                                 f"mask.shape={tuple(mask.shape)}, inputs.shape="
+                                 f"{tuple(inputs.shape)}")
+            # As in Keras, a mask only changes the batch statistics: inference ignores it.
+            if batch_stats:
+                raise ValueError("mask: SyncBatchNormalization does not support masks in "
+                                 "training (the masked statistics are not synchronized); "
+                                 "drop the mask before this layer")
         if keras.backend.backend() == "jax":
-            return self._call_jax(inputs, bool(training) and self.trainable)
+            return self._call_jax(inputs, batch_stats)
         from .torch import _sync_batch_norm
 
         x = inputs
         if not x.dtype.is_floating_point:
             x = ops.cast(x, "float32")
-        batch_stats = bool(training) and self.trainable
         comm = self._communicator(x) if batch_stats else _comm.local()
 
         def param(v):
