@@ -93,7 +93,13 @@ def results(tmp_path_factory):
                 text=True))
     out = {}
     for key, (report, proc) in runs.items():
-        log, _ = proc.communicate(timeout=300)
+        try:
+            log, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for _, p in runs.values():  # none outlives the test
+                p.kill()
+            log, _ = proc.communicate()
+            pytest.fail(f"{key}: keras' tests did not finish within 300 s\n{log[-4000:]}")
         if not report.exists():
             pytest.fail(f"{key}: pytest wrote no report (exit {proc.returncode})\n{log[-4000:]}")
         out[key] = json.loads(report.read_text())
