@@ -20,6 +20,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
+#include <utility>
 
 #include "syncbn/communicator.h"
 #include "xla/ffi/api/ffi.h"
@@ -32,6 +34,54 @@ namespace ffi = ::xla::ffi;
 // passes the id; the handler resolves it when it runs. The caller keeps the communicator
 // alive (python/syncbn/jax.py holds it for the life of the process).
 int64_t register_communicator(Communicator* comm);
+
+// The operands, results and attributes of each handler, after the platform's own context
+// (none on the CPU; XLA's stream and the device ordinal on CUDA): one list for every
+// platform, in the order forward() / backward() below take them.
+template <class Binding>
+auto bind_forward(Binding&& b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // x
+      .template Arg<ffi::AnyBuffer>()  // scale
+      .template Arg<ffi::AnyBuffer>()  // bias
+      .template Arg<ffi::AnyBuffer>()  // mean
+      .template Arg<ffi::AnyBuffer>()  // var
+      .template Arg<ffi::AnyBuffer>()  // token
+      .template Ret<ffi::AnyBuffer>()  // y
+      .template Ret<ffi::AnyBuffer>()  // new_mean
+      .template Ret<ffi::AnyBuffer>()  // new_var
+      .template Ret<ffi::AnyBuffer>()  // saved
+      .template Ret<ffi::AnyBuffer>()  // token
+      .template Attr<int64_t>("axis")
+      .template Attr<bool>("training")
+      .template Attr<double>("momentum")
+      .template Attr<double>("eps")
+      .template Attr<bool>("unbiased")
+      .template Attr<int64_t>("comm")
+      .template Attr<int64_t>("layer")
+      .template Attr<std::string_view>("layer_name")
+      .template Attr<bool>("verify");
+}
+
+template <class Binding>
+auto bind_backward(Binding&& b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()  // dy
+      .template Arg<ffi::AnyBuffer>()  // x
+      .template Arg<ffi::AnyBuffer>()  // scale
+      .template Arg<ffi::AnyBuffer>()  // saved
+      .template Arg<ffi::AnyBuffer>()  // token
+      .template Ret<ffi::AnyBuffer>()  // dx
+      .template Ret<ffi::AnyBuffer>()  // dscale
+      .template Ret<ffi::AnyBuffer>()  // dbias
+      .template Ret<ffi::AnyBuffer>()  // token
+      .template Attr<int64_t>("axis")
+      .template Attr<bool>("training")
+      .template Attr<int64_t>("comm")
+      .template Attr<int64_t>("layer")
+      .template Attr<std::string_view>("layer_name")
+      .template Attr<bool>("verify");
+}
 
 // Where a handler's buffers live and the stream the core runs on.
 struct Platform {

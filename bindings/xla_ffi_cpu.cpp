@@ -30,42 +30,7 @@ ffi::Error backward_cpu(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer scal
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(syncbn_xla_forward_cpu, forward_cpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // scale
-                                  .Arg<ffi::AnyBuffer>()  // bias
-                                  .Arg<ffi::AnyBuffer>()  // mean
-                                  .Arg<ffi::AnyBuffer>()  // var
-                                  .Arg<ffi::AnyBuffer>()  // token
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Ret<ffi::AnyBuffer>()  // new_mean
-                                  .Ret<ffi::AnyBuffer>()  // new_var
-                                  .Ret<ffi::AnyBuffer>()  // saved
-                                  .Ret<ffi::AnyBuffer>()  // token
-                                  .Attr<int64_t>("axis")
-                                  .Attr<bool>("training")
-                                  .Attr<double>("momentum")
-                                  .Attr<double>("eps")
-                                  .Attr<bool>("unbiased")
-                                  .Attr<int64_t>("comm")
-                                  .Attr<int64_t>("layer")
-                                  .Attr<std::string_view>("layer_name")
-                                  .Attr<bool>("verify"));
+                              syncbn::xla::bind_forward(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(syncbn_xla_backward_cpu, backward_cpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // scale
-                                  .Arg<ffi::AnyBuffer>()  // saved
-                                  .Arg<ffi::AnyBuffer>()  // token
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Ret<ffi::AnyBuffer>()  // dscale
-                                  .Ret<ffi::AnyBuffer>()  // dbias
-                                  .Ret<ffi::AnyBuffer>()  // token
-                                  .Attr<int64_t>("axis")
-                                  .Attr<bool>("training")
-                                  .Attr<int64_t>("comm")
-                                  .Attr<int64_t>("layer")
-                                  .Attr<std::string_view>("layer_name")
-                                  .Attr<bool>("verify"));
+                              syncbn::xla::bind_backward(ffi::Ffi::Bind()));
