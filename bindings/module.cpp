@@ -353,9 +353,10 @@ NB_MODULE(_core, m) {
          nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
          bool training, double momentum, double eps, int axis, syncbn::Communicator& comm,
          bool unbiased_running_var, nb::handle save_count, uintptr_t stream, int64_t layer,
-         const std::string& name, bool verify) {
+         const std::string& name, bool verify, nb::handle mask, nb::handle counts) {
         Args a;
         TensorView xv = a.view(x, "x", false);
+        auto mv = a.maybe(mask, "mask", false), cn = a.maybe(counts, "counts", true);
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
         // Eval only reads the running stats: read-only (e.g. memory-mapped) ones are fine.
         auto rm = a.maybe(running_mean, "running_mean", training);
@@ -374,6 +375,8 @@ NB_MODULE(_core, m) {
         opt.layer = layer;
         opt.layer_name = name.empty() ? nullptr : name.c_str();
         opt.verify = verify;
+        opt.mask = ptr(mv);
+        opt.counts = ptr(cn);
         nb::gil_scoped_release nogil;
         return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si,
                                ptr(sc));
@@ -381,16 +384,19 @@ NB_MODULE(_core, m) {
       "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
       "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
       "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true,
-      "save_count"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "save_count"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS,
+      "mask"_a.none() = nb::none(), "counts"_a.none() = nb::none());
 
   m.def(
       "backward",
       [](nb::handle dy, nb::handle x, nb::handle save_mean, nb::handle save_invstd,
          nb::handle weight, nb::handle dx, nb::handle grad_weight, nb::handle grad_bias,
          bool training, double count, int axis, syncbn::Communicator& comm, nb::handle count_view,
-         uintptr_t stream, int64_t layer, const std::string& name, bool verify) {
+         uintptr_t stream, int64_t layer, const std::string& name, bool verify, nb::handle mask,
+         nb::handle counts) {
         Args a;
         TensorView dyv = a.view(dy, "dy", false), xv = a.view(x, "x", false);
+        auto mv = a.maybe(mask, "mask", false), cn = a.maybe(counts, "counts", false);
         TensorView sm = a.view(save_mean, "save_mean", false);
         TensorView si = a.view(save_invstd, "save_invstd", false);
         auto wv = a.maybe(weight, "weight", false);
@@ -407,12 +413,15 @@ NB_MODULE(_core, m) {
         opt.layer = layer;
         opt.layer_name = name.empty() ? nullptr : name.c_str();
         opt.verify = verify;
+        opt.mask = ptr(mv);
+        opt.counts = ptr(cn);
         nb::gil_scoped_release nogil;
         syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, comm, ptr(dxv), ptr(gw), ptr(gb));
       },
       "dy"_a.none(), "x"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(), "weight"_a.none(),
       "dx"_a.none(), "grad_weight"_a.none(), "grad_bias"_a.none(), "training"_a, "count"_a,
-      "axis"_a, "comm"_a, "count_view"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS);
+      "axis"_a, "comm"_a, "count_view"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS,
+      "mask"_a.none() = nb::none(), "counts"_a.none() = nb::none());
 
   // The CUDA module hands its operation table over as a capsule (see device_backend.h).
   m.def("register_device_backend", [](nb::capsule backend) {

@@ -87,8 +87,18 @@ int64_t channels(const TensorView& x, int64_t axis) {
   return x.shape[axis < 0 ? axis + x.ndim : axis];
 }
 
-void check_saved(const ffi::AnyBuffer& saved, int64_t C) {
-  const size_t want = size_t(2 * C + 1) * sizeof(double);
+// A mask with the channel axis (per-channel counts); the core checks its shape.
+bool per_channel(const std::optional<TensorView>& mask, const TensorView& x, int64_t axis) {
+  return mask && mask->ndim == x.ndim && mask->shape[axis < 0 ? axis + x.ndim : axis] != 1;
+}
+
+// [mean (C) | invstd (C) | count | counts (C), with a per-channel mask] as float64.
+int64_t saved_len(int64_t C, bool counts) {
+  return 2 * C + 1 + (counts ? C : 0);
+}
+
+void check_saved(const ffi::AnyBuffer& saved, int64_t C, bool counts) {
+  const size_t want = size_t(saved_len(C, counts)) * sizeof(double);
   if (saved.element_type() != ffi::DataType::U32 || saved.size_bytes() != want)
     fail("saved: expected uint32[", want / 4, "] (the forward's statistics for C=", C, "), got ",
          saved.size_bytes(), " bytes");
@@ -136,7 +146,8 @@ int64_t register_communicator(Communicator* comm) {
 }
 
 ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
-                   ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer token,
+                   ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer mask,
+                   ffi::AnyBuffer token,
                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> new_mean,
                    ffi::Result<ffi::AnyBuffer> new_var, ffi::Result<ffi::AnyBuffer> saved,
                    ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
@@ -147,11 +158,13 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
     const std::string name(layer_name);
     TensorView xv = view(x, "x", p, true), yv = view(*y, "y", p, false);
     auto wv = maybe(scale, "scale", p, true), bv = maybe(bias, "bias", p, true);
+    auto mv = maybe(mask, "mask", p, true);
     check_aliased(mean, *new_mean, "mean", p);
     check_aliased(var, *new_var, "var", p);
     TensorView rm = view(*new_mean, "mean", p, false), rv = view(*new_var, "var", p, false);
     const int64_t C = channels(xv, axis);
-    check_saved(*saved, C);
+    const bool pc = training && per_channel(mv, xv, axis);
+    check_saved(*saved, C, pc);
     ForwardOptions opt;
     opt.axis = int(axis);
     opt.training = training;
@@ -162,9 +175,10 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
     opt.layer = layer;
     opt.layer_name = name.empty() ? nullptr : name.c_str();
     opt.verify = verify;
+    opt.mask = ptr(mv);
     LocalCommunicator local;
     Communicator& used = training ? lookup(comm) : local;  // eval never communicates
-    if (p.device) {
+    if (p.device) {  // (masks are host-only: the core refuses them here)
       TensorView sm = f64_slice(*saved, 0, C, p), si = f64_slice(*saved, C, C, p);
       TensorView sc = f64_slice(*saved, 2 * C, 1, p);
       syncbn::forward(xv, ptr(wv), ptr(bv), &rm, &rv, opt, used, yv, sm, si, &sc);
@@ -172,9 +186,11 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
     }
     // Host: float64 scratch (saved may be only 4-byte aligned), zero so that an all-empty
     // batch (nothing written) leaves defined statistics.
-    std::vector<double> host(size_t(2 * C + 1), 0.0);
+    std::vector<double> host(size_t(saved_len(C, pc)), 0.0);
     TensorView sm = contiguous_view(host.data(), DType::Float64, Device{}, 1, &C);
     TensorView si = contiguous_view(host.data() + C, DType::Float64, Device{}, 1, &C);
+    TensorView cn = contiguous_view(host.data() + 2 * C + 1, DType::Float64, Device{}, 1, &C);
+    if (pc) opt.counts = &cn;
     host[size_t(2 * C)] =
         syncbn::forward(xv, ptr(wv), ptr(bv), &rm, &rv, opt, used, yv, sm, si, nullptr);
     std::memcpy(saved->untyped_data(), host.data(), host.size() * sizeof(double));
@@ -182,7 +198,7 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
 }
 
 ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                    ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
+                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
                     ffi::Result<ffi::AnyBuffer> dscale, ffi::Result<ffi::AnyBuffer> dbias,
                     ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
                     int64_t comm, int64_t layer, std::string_view layer_name, bool verify) {
@@ -191,10 +207,11 @@ ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi:
     const std::string name(layer_name);
     TensorView dyv = view(dy, "dy", p, true), xv = view(x, "x", p, true);
     TensorView dxv = view(*dx, "dx", p, false);
-    auto wv = maybe(scale, "scale", p, true);
+    auto wv = maybe(scale, "scale", p, true), mv = maybe(mask, "mask", p, true);
     auto gw = maybe(*dscale, "dscale", p, false), gb = maybe(*dbias, "dbias", p, false);
     const int64_t C = channels(xv, axis);
-    check_saved(saved, C);
+    const bool pc = training && per_channel(mv, xv, axis);
+    check_saved(saved, C, pc);
     BackwardOptions opt;
     opt.axis = int(axis);
     opt.training = training;
@@ -202,6 +219,7 @@ ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi:
     opt.layer = layer;
     opt.layer_name = name.empty() ? nullptr : name.c_str();
     opt.verify = verify;
+    opt.mask = ptr(mv);
     LocalCommunicator local;
     Communicator& used = training ? lookup(comm) : local;
     if (p.device) {
@@ -212,10 +230,12 @@ ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi:
       syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, used, &dxv, ptr(gw), ptr(gb));
       return;
     }
-    std::vector<double> host(size_t(2 * C + 1));
+    std::vector<double> host(size_t(saved_len(C, pc)));
     std::memcpy(host.data(), saved.untyped_data(), host.size() * sizeof(double));
     TensorView sm = contiguous_view(host.data(), DType::Float64, Device{}, 1, &C);
     TensorView si = contiguous_view(host.data() + C, DType::Float64, Device{}, 1, &C);
+    TensorView cn = contiguous_view(host.data() + 2 * C + 1, DType::Float64, Device{}, 1, &C);
+    if (pc) opt.counts = &cn;
     opt.count = host[size_t(2 * C)];
     syncbn::backward(dyv, xv, sm, si, ptr(wv), opt, used, &dxv, ptr(gw), ptr(gb));
   });

@@ -5,14 +5,15 @@
 // differ only in where the buffers live and which stream the core runs on.
 //
 // Operands and results (python/syncbn/jax.py builds the calls):
-//   forward:  (x, scale, bias, mean, var, token) -> (y, new_mean, new_var, saved, token)
+//   forward:  (x, scale, bias, mean, var, mask, token) -> (y, new_mean, new_var, saved, token)
 //             new_mean/new_var alias mean/var (updated in place by the core), the token
 //             out aliases the token in (nothing is written to it: it is a data
 //             dependency that orders the collectives, see DESIGN.md).
-//   backward: (dy, x, scale, saved, token) -> (dx, dscale, dbias, token)
-// A zero-length scale or bias is "absent" (flax's use_scale/use_bias=False).
+//   backward: (dy, x, scale, mask, saved, token) -> (dx, dscale, dbias, token)
+// A zero-length scale, bias or mask is "absent" (flax's use_scale/use_bias=False, no mask).
+// mask: x's shape, or with 1 at the channel axis; x's dtype (ForwardOptions::mask).
 // `saved` is uint32[2 * (2C + 1)]: the float64 [mean (C) | invstd (C) | count] of the
-// forward, kept as raw bytes so it needs no jax_enable_x64 (float64 results would be
+// forward (and its per-channel counts (C) behind, with a mask that has the channel axis), kept as raw bytes so it needs no jax_enable_x64 (float64 results would be
 // float32 without it).
 // Attributes: axis (i64), training (bool), momentum, eps (f64, PyTorch's convention),
 // unbiased (bool, forward), comm (i64: a registry id, below), layer (i64), layer_name
@@ -46,6 +47,7 @@ auto bind_forward(Binding&& b) {
       .template Arg<ffi::AnyBuffer>()  // bias
       .template Arg<ffi::AnyBuffer>()  // mean
       .template Arg<ffi::AnyBuffer>()  // var
+      .template Arg<ffi::AnyBuffer>()  // mask
       .template Arg<ffi::AnyBuffer>()  // token
       .template Ret<ffi::AnyBuffer>()  // y
       .template Ret<ffi::AnyBuffer>()  // new_mean
@@ -69,6 +71,7 @@ auto bind_backward(Binding&& b) {
       .template Arg<ffi::AnyBuffer>()  // dy
       .template Arg<ffi::AnyBuffer>()  // x
       .template Arg<ffi::AnyBuffer>()  // scale
+      .template Arg<ffi::AnyBuffer>()  // mask
       .template Arg<ffi::AnyBuffer>()  // saved
       .template Arg<ffi::AnyBuffer>()  // token
       .template Ret<ffi::AnyBuffer>()  // dx
@@ -91,7 +94,8 @@ struct Platform {
 };
 
 ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
-                   ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer token,
+                   ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer mask,
+                   ffi::AnyBuffer token,
                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> new_mean,
                    ffi::Result<ffi::AnyBuffer> new_var, ffi::Result<ffi::AnyBuffer> saved,
                    ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
@@ -99,7 +103,7 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
                    std::string_view layer_name, bool verify);
 
 ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                    ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
+                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
                     ffi::Result<ffi::AnyBuffer> dscale, ffi::Result<ffi::AnyBuffer> dbias,
                     ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
                     int64_t comm, int64_t layer, std::string_view layer_name, bool verify);

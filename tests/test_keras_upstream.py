@@ -29,19 +29,10 @@ KERAS_TEST = (Path(importlib.util.find_spec("keras").submodule_search_locations[
               / "layers" / "normalization" / "batch_normalization_test.py")
 BACKENDS = ["jax", "torch"]
 
-_MASK = "mask: SyncBatchNormalization does not support masks in training"
 _RENORM = "renorm, renorm_clipping: batch renormalization is not supported"
 # Keras' tests that syncbn's class fails, by test name (without absl's parameter index):
 # (what the failure must say, why). README, "Keras' own tests".
 EXPECTED_FAILURES = {
-    # Masks in training: Keras computes the moments over the unmasked positions; syncbn's
-    # core has no masked (weighted) statistics to synchronize, so the layer raises instead
-    # of normalizing with the wrong statistics. Inference ignores a mask, as Keras does.
-    # test_correctness passes every other assertion; its last step trains on a masked input.
-    "test_correctness": (_MASK, "its last step trains on a Masking layer's output"),
-    "test_bachnorm_ignore_masked_values": (_MASK, "model.fit after a Masking layer"),
-    "test_input_fully_masked": (_MASK, "trains with mask="),
-    "test_masked_broadcast_normalization": (_MASK, "trains with mask="),
     # Batch renormalization: rejected at construction (its r/d statistics would need
     # synchronizing too); test_serialization builds a renorm layer.
     "test_renorm_basics": (_RENORM, "renorm=True"),

@@ -93,6 +93,49 @@ int64_t count_per_channel(const TensorView& x, int axis) {
   return C > 0 ? x.numel() / C : 0;
 }
 
+// ForwardOptions::mask: x's shape (a count per channel: returns true), or x's shape with
+// extent 1 at the channel axis (one count for every channel); floating, on the CPU.
+bool check_mask(const TensorView* mask, const TensorView& x, int axis) {
+  if (!mask) return false;
+  bool ok = mask->ndim == x.ndim;
+  for (int d = 0; ok && d < x.ndim; ++d)
+    ok = mask->shape[d] == x.shape[d] || (d == axis && mask->shape[d] == 1);
+  if (!ok) {
+    TensorView want = x;
+    want.shape[axis] = 1;
+    fail("mask: expected shape ", x.shape_str(), " (the shape of x) or ", want.shape_str(),
+         " (1 at the channel axis: one value per position for every channel), got ",
+         mask->shape_str());
+  }
+  if (mask->device.type != DeviceType::CPU || x.device.type != DeviceType::CPU)
+    fail("mask: masked statistics run on CPU arrays only (no device kernels for them yet), got "
+         "x on ",
+         device_name(x.device), " and mask on ", device_name(mask->device));
+  return mask->shape[axis] != 1;
+}
+
+// A mask with the channel axis: the per-channel global counts (ForwardOptions::counts).
+void check_counts(const TensorView* counts, int64_t C, bool writable) {
+  if (!counts)
+    fail("counts: expected a float64 (", C,
+         ",) array for the per-channel counts of a mask with the channel axis, got None");
+  check_f64(*counts, "counts", C, Device{}, writable, "the channel count of x");
+}
+
+// The number of positions where the mask is nonzero.
+int64_t mask_count(const TensorView& mask) {
+  const int64_t n = mask.numel();
+  std::vector<char> dense(size_t(n) * size_t(dtype_size(mask.dtype)));
+  TensorView d = contiguous_view(dense.data(), mask.dtype, Device{}, mask.ndim, mask.shape);
+  copy_strided(mask, d);
+  int64_t m = 0;
+  SYNCBN_DISPATCH_FLOATING(mask.dtype, T, {
+    const T* p = static_cast<const T*>(d.data);
+    for (int64_t j = 0; j < n; ++j) m += load<double>(p + j) != 0;
+  });
+  return m;
+}
+
 // ---- per-channel vectors (CPU) ------------------------------------------------------
 
 Vec read_vec(const TensorView& t) {
@@ -128,62 +171,138 @@ struct HostMemory {
 };
 using HostLayout = Layout<HostMemory>;
 
+// The mask broadcast over x's channels, one uint8 (1: counted) per element of x in the
+// layout's dense traversal.
+std::vector<uint8_t> dense_mask(const TensorView& mask, const TensorView& x, int axis,
+                                HostLayout& lay) {
+  TensorView b = mask;
+  if (b.shape[axis] == 1) {
+    b.shape[axis] = x.shape[axis];
+    b.strides[axis] = 0;
+  }
+  const void* p = lay.input(b);
+  std::vector<uint8_t> m(size_t(x.numel()));
+  SYNCBN_DISPATCH_FLOATING(mask.dtype, T, {
+    const T* q = static_cast<const T*>(p);
+    for (size_t j = 0; j < m.size(); ++j) m[j] = load<double>(q + j) != 0;
+  });
+  return m;
+}
+
 // ---- unchecked building blocks -------------------------------------------------------
 
-// Local packed moments [P1 | P2 | n] of x (the first 2C+1 doubles of a host buffer).
-void local_stats(const TensorView& x, int axis, double* buf) {
+// Local packed moments [P1 | P2 | n] of x (the first 2C+1 doubles of a host buffer). With
+// a mask, of the elements it counts: n is the number of counted positions, or with a
+// per-channel mask the number of counted elements, whose per-channel counts go behind
+// the fingerprint (buf[stats_buffer_size(C) + c]). Masked-out elements are replaced by
+// the channel's shift, so they add exactly 0 to the shifted sums (NaN included).
+void local_stats(const TensorView& x, int axis, double* buf, const TensorView* mask = nullptr,
+                 bool per_channel = false) {
   const int64_t C = x.shape[axis];
   const int64_t n = count_per_channel(x, axis);
   Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0),
-      shift(static_cast<size_t>(C), 0.0);
+      shift(static_cast<size_t>(C), 0.0), nc(static_cast<size_t>(C), static_cast<double>(n));
   if (n > 0) {
     HostLayout lay(x, axis);
     const Geometry& g = lay.geometry();
     const void* xp = lay.input(x);
+    std::vector<int64_t> first(static_cast<size_t>(C));  // each channel's first counted element
+    for (int64_t c = 0; c < C; ++c) first[size_t(c)] = c * g.inner;
+    std::vector<char> selected;
+    std::vector<uint8_t> m;
+    if (mask) {
+      m = dense_mask(*mask, x, axis, lay);
+      for (int64_t c = 0; c < C; ++c) {
+        int64_t k = 0, f = -1;
+        for (int64_t o = 0; o < g.outer; ++o)
+          for (int64_t i = 0; i < g.inner; ++i) {
+            const int64_t j = (o * C + c) * g.inner + i;
+            if (!m[size_t(j)]) continue;
+            if (f < 0) f = j;
+            ++k;
+          }
+        nc[size_t(c)] = double(k);
+        first[size_t(c)] = f < 0 ? 0 : f;
+      }
+    }
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
       const T* p = static_cast<const T*>(xp);
       for (int64_t c = 0; c < C; ++c)
-        shift[size_t(c)] = moment_shift(load<double>(p + c * g.inner));
+        if (nc[size_t(c)] > 0) shift[size_t(c)] = moment_shift(load<double>(p + first[size_t(c)]));
     });
+    if (mask) {
+      selected.resize(size_t(x.numel()) * size_t(dtype_size(x.dtype)));
+      cpu::select_masked(xp, m.data(), selected.data(), x.dtype, g, shift.data());
+      xp = selected.data();
+    }
     cpu::batch_norm_stats(xp, x.dtype, g, shift.data(), t1.data(), t2.data());
   }
-  for (int64_t c = 0; c < C; ++c)
-    pack_local_moments(double(n), shift[size_t(c)], t1[size_t(c)], t2[size_t(c)], &buf[c],
+  double total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    pack_local_moments(nc[size_t(c)], shift[size_t(c)], t1[size_t(c)], t2[size_t(c)], &buf[c],
                        &buf[C + c]);
-  buf[2 * C] = double(n);
+    total += nc[size_t(c)];
+    if (per_channel) buf[stats_buffer_size(C) + c] = nc[size_t(c)];
+  }
+  buf[2 * C] = per_channel ? total : (C > 0 ? nc[0] : 0.0);
+}
+
+// The reduced per-channel counts behind a per-channel mask's buffer: whole numbers, at
+// least this rank's, summing to the reduced total.
+void check_reduced_counts(const double* buf, int64_t C, const double* local,
+                          const Communicator& comm) {
+  const double* k = buf + stats_buffer_size(C);
+  double total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (!(k[c] >= local[c] && k[c] <= 9007199254740992.0 && k[c] == std::floor(k[c])))
+      fail<CommError>("syncbn: ", comm.kind(), " all-reduce returned a count of ", k[c],
+                      " for channel ", c, " (this rank counted ", local[c],
+                      "): the communicator must sum the buffer across all ranks");
+    total += k[c];
+  }
+  if (total != buf[2 * C])
+    fail<CommError>("syncbn: ", comm.kind(), " all-reduce returned per-channel counts summing to ",
+                    total, " and a total of ", buf[2 * C], ": the ranks' buffers differ in layout "
+                    "(a mask with the channel axis on some ranks only?)");
 }
 
 // Global statistics from a reduced buffer; updates running stats. Returns the count.
+// `counts`: per-channel global counts (a mask with the channel axis), else buf[2C] for
+// every channel. A channel with a count of 0 (masked out everywhere) normalizes with mean
+// 0 and variance 0 and keeps its running statistics.
 double gather(const double* buf, int64_t C, double momentum, double eps, bool unbiased,
               const TensorView* running_mean, const TensorView* running_var, double* mean,
-              double* invstd, double* var_b) {
+              double* invstd, double* var_b, const double* counts = nullptr) {
   const double N = C > 0 ? buf[2 * C] : 0.0;
   if (N == 0) return 0;
-  if (N == 1)
-    fail(
-        "x: expected more than 1 value per channel when training, got a global batch of 1 "
-        "value per channel (all ranks together)");
+  for (int64_t c = 0; c < C; ++c)
+    if ((counts ? counts[c] : N) == 1)
+      fail("x: expected more than 1 value per channel when training, got a global batch of 1 "
+           "value",
+           counts ? detail::cat(" in channel ", c, " (counted by the mask)") : std::string(),
+           " (all ranks together)");
   Vec m2(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
-    const GlobalMoments gm = finalize_moments(buf[c], buf[C + c], N);
+    const double n = counts ? counts[c] : N;
+    const GlobalMoments gm = n > 0 ? finalize_moments(buf[c], buf[C + c], n) : GlobalMoments{};
     mean[c] = gm.mean;
     invstd[c] = invstd_of(gm.var_biased, eps);
     if (var_b) var_b[c] = gm.var_biased;
     m2[size_t(c)] = gm.m2;
   }
-  if (running_mean) {
-    Vec rm = read_vec(*running_mean);
+  auto update = [&](const TensorView* t, auto batch_value) {
+    if (!t) return;
+    Vec r = read_vec(*t);
     for (int64_t c = 0; c < C; ++c)
-      rm[size_t(c)] = (1 - momentum) * rm[size_t(c)] + momentum * mean[c];
-    write_vec(*running_mean, rm.data());
-  }
-  if (running_var) {
-    Vec rv = read_vec(*running_var);
-    for (int64_t c = 0; c < C; ++c)
-      rv[size_t(c)] =
-          (1 - momentum) * rv[size_t(c)] + momentum * (m2[size_t(c)] / (unbiased ? N - 1 : N));
-    write_vec(*running_var, rv.data());
-  }
+      if (!counts || counts[c] > 0)
+        r[size_t(c)] = (1 - momentum) * r[size_t(c)] + momentum * batch_value(c);
+    write_vec(*t, r.data());
+  };
+  update(running_mean, [&](int64_t c) { return mean[c]; });
+  update(running_var, [&](int64_t c) {
+    const double n = counts ? counts[c] : N;
+    return m2[size_t(c)] / (unbiased ? n - 1 : n);
+  });
   return N;
 }
 
@@ -218,17 +337,21 @@ void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const 
 // dx from the global sums; count is the global count per channel. Without sums (eval:
 // mean and invstd were constants) dx = dy * invstd * weight, x unread, so a NaN or inf
 // in x stays in its own element's gradient (as in torch).
+// With a mask (and sums): the masked-out elements' gradient is dy * invstd * weight (the
+// statistics do not depend on them).
 void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const double* mean,
                     const double* invstd, const double* weight, const double* sums, double count,
-                    const TensorView& dx) {
+                    const TensorView& dx, const TensorView* mask = nullptr,
+                    const double* counts = nullptr) {
   const int64_t C = x.shape[axis];
   if (x.numel() == 0) return;
   Vec mdy(static_cast<size_t>(C), 0.0), k(static_cast<size_t>(C), 0.0),
       gain(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
-    if (sums) {
-      mdy[size_t(c)] = sums[c] / count;
-      k[size_t(c)] = invstd[c] * invstd[c] * (sums[C + c] / count);
+    const double n = counts ? counts[c] : count;
+    if (sums && n > 0) {  // n = 0: a channel masked out everywhere had constant statistics
+      mdy[size_t(c)] = sums[c] / n;
+      k[size_t(c)] = invstd[c] * invstd[c] * (sums[C + c] / n);
     }
     gain[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
   }
@@ -245,6 +368,10 @@ void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const d
   void* dxp = lay.output(dx);
   cpu::batch_norm_backward_elemt(dyp, xp, dxp, x.dtype, lay.geometry(), mean, mdy.data(), k.data(),
                                  gain.data());
+  if (mask) {
+    const std::vector<uint8_t> m = dense_mask(*mask, x, axis, lay);
+    cpu::scale_masked_out(dyp, m.data(), dxp, x.dtype, lay.geometry(), gain.data());
+  }
   lay.finish();
 }
 
@@ -468,6 +595,9 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   check_f64(save_mean, "save_mean", C, dev, true, "the channel count of x");
   check_f64(save_invstd, "save_invstd", C, dev, true, "the channel count of x");
   if (save_count) check_f64(*save_count, "save_count", 1, dev, true, "one value");
+  const TensorView* mask = opt.training ? opt.mask : nullptr;
+  const bool per_channel = check_mask(opt.mask, x, axis) && opt.training;
+  if (per_channel) check_counts(opt.counts, C, true);
   if (auto* b = on_device(dev)) {
     const TensorView& sc = require_count_view(save_count, "save_count", dev);
     Fingerprint f;
@@ -480,8 +610,11 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
   Vec mean(static_cast<size_t>(C)), invstd(static_cast<size_t>(C));
   double count;
   if (opt.training) {
-    Vec buf(static_cast<size_t>(stats_buffer_size(C)));
-    local_stats(x, axis, buf.data());
+    const int64_t K = stats_buffer_size(C);
+    Vec buf(size_t(K + (per_channel ? C : 0)));
+    local_stats(x, axis, buf.data(), mask, per_channel);
+    const double local = buf[size_t(2 * C)];
+    const Vec local_counts(buf.begin() + K, buf.end());
     const Fingerprint f = next_fingerprint(CollectiveOp::Forward, C, axis, opt.key(), &comm);
     write_fingerprint(f, buf.data());
     allreduce_naming(comm, buf.data(), int64_t(buf.size()), Device{}, opt.stream, f);
@@ -490,11 +623,16 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     e.channels = C;
     e.mine = &f;
     e.comm = &comm;
-    e.local_count = double(count_per_channel(x, axis));
+    e.local_count = local;
     check_reduced(buf.data(), e);
+    if (per_channel) check_reduced_counts(buf.data(), C, local_counts.data(), comm);
+    const double* counts = per_channel ? buf.data() + K : nullptr;
     count = gather(buf.data(), C, opt.momentum, opt.eps, opt.unbiased_running_var, running_mean,
-                   running_var, mean.data(), invstd.data(), nullptr);
-    if (count == 0) return 0;
+                   running_var, mean.data(), invstd.data(), nullptr, counts);
+    if (per_channel) write_vec(*opt.counts, counts);
+    if (count == 0 && (!mask || x.numel() == 0)) return 0;
+    if (count == 0)  // every position masked out on every rank: mean 0, variance 0
+      for (int64_t c = 0; c < C; ++c) invstd[size_t(c)] = invstd_of(0.0, opt.eps);
   } else {
     mean = read_vec(*running_mean);
     const Vec rv = read_vec(*running_var);
@@ -524,6 +662,9 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
   check_vec(grad_weight, "grad_weight", C, dev, true);
   check_vec(grad_bias, "grad_bias", C, dev, true);
   const bool sync = dx && opt.training;
+  const TensorView* mask = opt.training ? opt.mask : nullptr;
+  const bool per_channel = check_mask(opt.mask, x, axis) && opt.training;
+  if (per_channel && sync) check_counts(opt.counts, C, false);
   if (auto* b = on_device(dev)) {
     if (sync) {
       const TensorView& cv = require_count_view(opt.count_view, "count", dev);
@@ -534,7 +675,8 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
     return b->backward(dy, x, axis, save_mean, save_invstd, weight, opt, comm, dx, grad_weight,
                        grad_bias, sync ? &f : nullptr);
   }
-  if (sync && (!std::isfinite(opt.count) || opt.count < count_per_channel(x, axis)))
+  const double local = double(mask && sync ? mask_count(*mask) : count_per_channel(x, axis));
+  if (sync && (!std::isfinite(opt.count) || opt.count < local))
     fail("count: expected the global count per channel from forward, got ", opt.count);
 
   const Vec m = read_vec(save_mean), s = read_vec(save_invstd);
@@ -549,7 +691,7 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
   }
   if (grad_bias) gb.assign(sums.begin(), sums.begin() + C);
   if (dx && sync && opt.count > 0) {  // count 0: every rank is empty, all skip it alike
-    sums[size_t(2 * C)] = double(count_per_channel(x, axis));
+    sums[size_t(2 * C)] = local;
     const Fingerprint f = next_fingerprint(CollectiveOp::Backward, C, axis, opt.key(), &comm);
     write_fingerprint(f, sums.data());
     allreduce_naming(comm, sums.data(), int64_t(sums.size()), Device{}, opt.stream, f);
@@ -558,16 +700,21 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
     e.channels = C;
     e.mine = &f;
     e.comm = &comm;
-    e.local_count = double(count_per_channel(x, axis));
+    e.local_count = local;
     e.count = opt.count;
     check_reduced(sums.data(), e);
   }
   if (grad_weight) write_vec(*grad_weight, gw.data());
   if (grad_bias) write_vec(*grad_bias, gb.data());
-  if (!dx || (sync && opt.count == 0)) return;
+  // A count of 0: x is empty, or (mask) every position was masked out everywhere and the
+  // statistics were constants.
+  if (!dx || (sync && opt.count == 0 && (!mask || x.numel() == 0))) return;
   const Vec w = read_vec_or(weight, C, 1.0);
+  const bool with_sums = sync && opt.count > 0;
+  const Vec counts = per_channel && with_sums ? read_vec(*opt.counts) : Vec();
   backward_elemt(dy, x, axis, m.data(), s.data(), ptr_or_null(w, weight),
-                 sync ? sums.data() : nullptr, opt.count, *dx);
+                 with_sums ? sums.data() : nullptr, opt.count, *dx, with_sums ? mask : nullptr,
+                 counts.empty() ? nullptr : counts.data());
 }
 
 }  // namespace syncbn

@@ -29,14 +29,12 @@ from .jax import batch_norm
 __all__ = ["BatchNorm", "LinenBatchNorm"]
 
 
-def _unsupported(axis_name, axis_index_groups, mask=None):
+def _unsupported(axis_name, axis_index_groups):
     if axis_name is not None or axis_index_groups is not None:
         raise ValueError(
             "axis_name, axis_index_groups: syncbn's BatchNorm synchronizes across processes "
             "through `comm` (MPI), not across a pmap/shard_map axis; use flax's BatchNorm "
             "with axis_name inside one SPMD program")
-    if mask is not None:
-        raise NotImplementedError("mask: syncbn's BatchNorm does not support masks")
 
 
 def _int_axis(axis) -> int:
@@ -69,8 +67,10 @@ class BatchNorm(nnx.BatchNorm):
     Same arguments and state as ``nnx.BatchNorm`` (it is a subclass), plus ``comm`` (see
     :func:`syncbn.jax.batch_norm`) and ``name`` (how errors name the layer). Not supported
     (raise): ``axis_name``/``axis_index_groups`` (that is flax's own SPMD
-    synchronization), masks, several feature axes. ``use_fast_variance`` is accepted and
-    ignored: the variance is always computed the stable way, in float64.
+    synchronization), several feature axes, a ``mask`` that varies along the feature axis
+    (a mask over positions, broadcast over the features, is supported: the statistics of
+    the masked positions of every rank). ``use_fast_variance`` is accepted and ignored:
+    the variance is always computed the stable way, in float64.
     """
 
     def __init__(self, num_features: int, *, axis_name=None, axis_index_groups=None,
@@ -83,7 +83,6 @@ class BatchNorm(nnx.BatchNorm):
         self.layer_name = name or ""
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        _unsupported(None, None, mask)
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
@@ -100,7 +99,7 @@ class BatchNorm(nnx.BatchNorm):
         y, (mean, var) = batch_norm(
             x, scale, bias, (self.mean[...], self.var[...]), training=training,
             momentum=self.momentum, epsilon=self.epsilon, axis=_int_axis(self.axis),
-            comm=self.comm, layer=self.layer_id, layer_name=self.layer_name)
+            comm=self.comm, layer=self.layer_id, layer_name=self.layer_name, mask=mask)
         if training:
             self.mean[...] = mean
             self.var[...] = var
@@ -126,7 +125,7 @@ class LinenBatchNorm(nn.BatchNorm):
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        _unsupported(self.axis_name, self.axis_index_groups, mask)
+        _unsupported(self.axis_name, self.axis_index_groups)
         if not self.force_float32_reductions:
             raise NotImplementedError("force_float32_reductions=False: syncbn's statistics "
                                       "are float32 (accumulated in float64)")
@@ -150,7 +149,8 @@ class LinenBatchNorm(nn.BatchNorm):
             x, scale, bias, (ra_mean.value, ra_var.value), training=training,
             momentum=self.momentum, epsilon=self.epsilon, axis=axis,
             comm=_comm.local() if initializing else self.comm,
-            layer=_path_id(self.scope.path), layer_name="/".join(map(str, self.scope.path)))
+            layer=_path_id(self.scope.path), layer_name="/".join(map(str, self.scope.path)),
+            mask=mask)
         if training and not initializing:
             ra_mean.value, ra_var.value = mean, var
         return jnp.asarray(y, out_dtype)

@@ -206,45 +206,48 @@ def _attrs(cfg: _Config, forward: bool) -> dict:
     return a
 
 
-def _saved_len(C: int) -> int:
-    return 2 * (2 * C + 1)  # float64 [mean | invstd | count] as uint32 pairs: no x64 needed
+def _saved_len(C: int, counts: bool) -> int:
+    # float64 [mean | invstd | count (| per-channel counts)] as uint32 pairs: no x64 needed
+    return 2 * (2 * C + 1 + (C if counts else 0))
 
 
-def _forward_call(x, scale, bias, mean, var, token, cfg: _Config):
+def _forward_call(x, scale, bias, mean, var, mask, token, cfg: _Config):
     C = x.shape[cfg.axis]
+    counts = cfg.training and mask.ndim == x.ndim and mask.shape[cfg.axis] != 1
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(mean.shape, mean.dtype),
            jax.ShapeDtypeStruct(var.shape, var.dtype),
-           jax.ShapeDtypeStruct((_saved_len(C),), jnp.uint32),
+           jax.ShapeDtypeStruct((_saved_len(C, counts),), jnp.uint32),
            jax.ShapeDtypeStruct((1,), jnp.float32))
     call = jax.ffi.ffi_call(_FORWARD, out, has_side_effect=True,
-                            input_output_aliases={3: 1, 4: 2, 5: 4})
-    return call(x, scale, bias, mean, var, token, **_attrs(cfg, True))
+                            input_output_aliases={3: 1, 4: 2, 6: 4})
+    return call(x, scale, bias, mean, var, mask, token, **_attrs(cfg, True))
 
 
-def _backward_call(dy, x, scale, bias, saved, token, cfg: _Config):
+def _backward_call(dy, x, scale, bias, mask, saved, token, cfg: _Config):
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype),
            jax.ShapeDtypeStruct(scale.shape, scale.dtype),
            jax.ShapeDtypeStruct(bias.shape, bias.dtype),
            jax.ShapeDtypeStruct((1,), jnp.float32))
-    call = jax.ffi.ffi_call(_BACKWARD, out, has_side_effect=True, input_output_aliases={4: 3})
-    return call(dy, x, scale, saved, token, **_attrs(cfg, False))
+    call = jax.ffi.ffi_call(_BACKWARD, out, has_side_effect=True, input_output_aliases={5: 3})
+    return call(dy, x, scale, mask, saved, token, **_attrs(cfg, False))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _bn(x, scale, bias, mean, var, token, cfg):
-    y, new_mean, new_var, _, token = _forward_call(x, scale, bias, mean, var, token, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _bn(x, scale, bias, mean, var, mask, token, cfg):
+    y, new_mean, new_var, _, token = _forward_call(x, scale, bias, mean, var, mask, token, cfg)
     return y, new_mean, new_var, token
 
 
-def _bn_fwd(x, scale, bias, mean, var, token, cfg):
-    y, new_mean, new_var, saved, token = _forward_call(x, scale, bias, mean, var, token, cfg)
+def _bn_fwd(x, scale, bias, mean, var, mask, token, cfg):
+    y, new_mean, new_var, saved, token = _forward_call(x, scale, bias, mean, var, mask, token,
+                                                       cfg)
     # The saved statistics make the backward depend on this forward (on a rank with no
     # samples the backward's other inputs are constants).
-    return (y, new_mean, new_var, token), (x, scale, bias, mean, var, saved)
+    return (y, new_mean, new_var, token), (x, scale, bias, mean, var, mask, saved)
 
 
 def _bn_bwd(cfg, res, cts):
-    x, scale, bias, mean, var, saved = res
+    x, scale, bias, mean, var, mask, saved = res
     dy, _, _, dtoken = cts
     if cfg.training:
         # The cotangent chains this backward after the next layer's; the current token
@@ -253,12 +256,13 @@ def _bn_bwd(cfg, res, cts):
         token = dtoken + _take_token()
     else:
         token = jnp.zeros((1,), jnp.float32)
-    dx, dscale, dbias, token = _backward_call(dy, x, scale, bias, saved, token, cfg)
+    dx, dscale, dbias, token = _backward_call(dy, x, scale, bias, mask, saved, token, cfg)
     if cfg.training:
         _put_token(token)
     else:
         token = jnp.zeros((1,), jnp.float32)
-    return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var), token
+    return (dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var), jnp.zeros_like(mask),
+            token)
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)
@@ -297,8 +301,28 @@ def _in_vmap() -> bool:
     return False
 
 
+def _core_mask(mask, x, axis: int):
+    """``mask`` (broadcastable to x, as in flax) in x's dtype, as the core takes it: with 1
+    at the channel axis when it does not vary along it (one count for every channel, the
+    unmasked collective), else x's shape (a count per channel)."""
+    mask = jnp.asarray(mask)
+    try:
+        ok = jnp.broadcast_shapes(mask.shape, x.shape) == x.shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask: expected a shape that broadcasts to x's {tuple(x.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    k = axis - (x.ndim - mask.ndim)  # the mask's dimension along the channel axis, if any
+    shape = x.shape
+    if not (k >= 0 and mask.shape[k] != 1):
+        shape = tuple(1 if d == axis else n for d, n in enumerate(x.shape))
+    return jnp.broadcast_to(jnp.asarray(mask, bool), shape).astype(x.dtype)
+
+
 def batch_norm(x, scale=None, bias=None, stats=None, *, training=True, momentum=0.99,
-               epsilon=1e-5, axis=-1, comm=None, convention="flax", layer=0, layer_name=""):
+               epsilon=1e-5, axis=-1, comm=None, convention="flax", layer=0, layer_name="",
+               mask=None):
     """Batch norm of ``x`` with the mean and variance of the global batch across ``comm``.
 
     Returns ``(y, new_stats)``. ``x``: rank >= 2, any channel ``axis``, float16, bfloat16,
@@ -323,6 +347,16 @@ def batch_norm(x, scale=None, bias=None, stats=None, *, training=True, momentum=
     collective fingerprint and its name in errors (:func:`new_layer_id`; 0 for functional
     calls). Ranks that disagree fail with a ``jax.errors.JaxRuntimeError`` whose message
     starts with ``syncbn.CollectiveMismatchError``.
+
+    ``mask`` (training; eval ignores it, as flax does): broadcastable to x, True (nonzero)
+    where a position counts. The batch statistics are those of the counted positions of
+    all ranks; every position is normalized with them (flax's and Keras' masked batch norm;
+    the gradient is that of those statistics). A mask that does not vary along the channel
+    axis (shape 1 there, or fewer dimensions) counts positions and may be absent on some
+    ranks; one that varies along it counts per channel, and then every rank must pass one
+    of that shape (the collective carries the C counts). A channel with nothing counted on
+    any rank normalizes with mean 0 and variance 0 (Keras' result; flax's is NaN) and its
+    running statistics are returned unchanged.
 
     Differentiable (``jax.grad``): gradients of x (the global one), scale and bias (this
     rank's, to be summed across ranks like any parameter gradient); none for the stats.
@@ -378,8 +412,10 @@ def batch_norm(x, scale=None, bias=None, stats=None, *, training=True, momentum=
     pdt = x.dtype
     s = scale if scale is not None else jnp.zeros((0,), pdt)
     b = bias if bias is not None else jnp.zeros((0,), pdt)
+    m = _core_mask(mask, x, axis) if (training and mask is not None) \
+        else jnp.zeros((0,), x.dtype)
     token = _take_token() if training else jnp.zeros((1,), jnp.float32)
-    y, new_mean, new_var, token = _bn(x, s, b, mean, var, token, cfg)
+    y, new_mean, new_var, token = _bn(x, s, b, mean, var, m, token, cfg)
     if training:
         _put_token(token)
     return y, (None if stats is None else (new_mean, new_var))

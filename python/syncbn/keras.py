@@ -46,6 +46,20 @@ def _check_backend(name: str) -> None:
     )
 
 
+def _core_mask(mask, x, axes):
+    """Keras' mask (one dimension less than x, broadcast over the last axis, as
+    keras.layers.BatchNormalization does) in x's dtype as the core takes it: with 1 at the
+    feature axes when it does not vary along them (one count for every feature), else x's
+    shape (a count per feature, e.g. channels-first inputs)."""
+    if mask is None:
+        return None
+    m = ops.expand_dims(mask, -1)
+    shape = list(x.shape)
+    if all(m.shape[a] == 1 for a in axes):
+        shape = [1 if d in axes else n for d, n in enumerate(shape)]
+    return ops.broadcast_to(ops.cast(ops.cast(m, "bool"), x.dtype), shape)
+
+
 def _axes(axis):
     if isinstance(axis, bool):
         raise TypeError("axis: expected an int or a list of ints, got bool")
@@ -171,13 +185,11 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
                 raise ValueError(f"mask: expected one dimension less than the inputs, got "
                                  f"mask.shape={tuple(mask.shape)}, inputs.shape="
                                  f"{tuple(inputs.shape)}")
-            # As in Keras, a mask only changes the batch statistics: inference ignores it.
-            if batch_stats:
-                raise ValueError("mask: SyncBatchNormalization does not support masks in "
-                                 "training (the masked statistics are not synchronized); "
-                                 "drop the mask before this layer")
+        # As in Keras, a mask only changes the batch statistics: inference ignores it.
+        if not batch_stats:
+            mask = None
         if keras.backend.backend() == "jax":
-            return self._call_jax(inputs, batch_stats)
+            return self._call_jax(inputs, batch_stats, mask)
         from .torch import _sync_batch_norm
 
         x = inputs
@@ -191,25 +203,28 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         gamma, beta = param(self.gamma), param(self.beta)
         mm, mv = self.moving_mean.value, self.moving_variance.value
         axes = self._normalized_axes(x.ndim)
+        mask = _core_mask(mask, x, axes)
         if len(axes) == 1:
             axis, xin = axes[0], x
         else:  # several axes: one channel axis of their product, then back
             rest = [d for d in range(x.ndim) if d not in axes]
             perm = rest + axes
             xin = x.permute(perm).reshape(math.prod(x.shape[d] for d in rest), -1)
+            if mask is not None:
+                mask = mask.permute(perm).reshape(xin.shape[0], -1)
             axis = 1
             gamma = None if gamma is None else gamma.reshape(-1)
             beta = None if beta is None else beta.reshape(-1)
             mm, mv = mm.view(-1), mv.view(-1)
         # Keras' momentum weighs the old value: PyTorch's factor is 1 - momentum.
         y, _ = _sync_batch_norm(xin, gamma, beta, mm, mv, batch_stats, 1.0 - self.momentum,
-                                self.epsilon, comm, axis, False, self._layer_id, self.name)
+                                self.epsilon, comm, axis, False, self._layer_id, self.name, mask)
         if len(axes) > 1:
             inverse = [perm.index(d) for d in range(x.ndim)]
             y = y.reshape([x.shape[d] for d in perm]).permute(inverse)
         return ops.cast(y, self.compute_dtype)
 
-    def _call_jax(self, inputs, batch_stats):
+    def _call_jax(self, inputs, batch_stats, mask):
         import jax.numpy as jnp
 
         from .jax import batch_norm
@@ -220,12 +235,15 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         beta = None if self.beta is None else self.beta.value
         mm, mv = self.moving_mean.value, self.moving_variance.value
         axes = self._normalized_axes(x.ndim)
+        mask = _core_mask(mask, x, axes)
         if len(axes) == 1:
             axis, xin = axes[0], x
         else:  # several axes: one channel axis of their product, then back
             rest = [d for d in range(x.ndim) if d not in axes]
             perm = rest + axes
             xin = jnp.transpose(x, perm).reshape(math.prod(x.shape[d] for d in rest), -1)
+            if mask is not None:
+                mask = jnp.transpose(mask, perm).reshape(xin.shape[0], -1)
             axis = 1
             gamma = None if gamma is None else gamma.reshape(-1)
             beta = None if beta is None else beta.reshape(-1)
@@ -233,7 +251,7 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         y, (new_mean, new_var) = batch_norm(
             xin, gamma, beta, (mm, mv), training=batch_stats, momentum=self.momentum,
             epsilon=self.epsilon, axis=axis, comm=self.comm, layer=self._layer_id,
-            layer_name=self.name)
+            layer_name=self.name, mask=mask)
         if len(axes) > 1:
             inverse = [perm.index(d) for d in range(x.ndim)]
             y = jnp.transpose(y.reshape([x.shape[d] for d in perm]), inverse)

@@ -72,8 +72,9 @@ def _host_f64(n):
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """The fast path. ``info`` carries what the module needs back (the global count) and
-    the fingerprint's layer identity."""
+    """The fast path. ``info`` carries what the module needs back (the global count), the
+    fingerprint's layer identity and an optional ``mask`` (ForwardOptions::mask: x's shape
+    with 1 at the channel axis, x's dtype; Keras' masked statistics)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, axis,
@@ -81,6 +82,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         cuda = x.is_cuda
         C = x.shape[axis]
         y = torch.empty_like(x)
+        mask = info.get("mask")
+        counts = _host_f64(C) if mask is not None and mask.shape[axis] != 1 else None
         if cuda:
             mean = torch.empty(C, dtype=torch.float64, device=x.device)
             invstd, save_count = torch.empty_like(mean), mean.new_empty(1)
@@ -91,20 +94,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             _to_dlpack(x), _export(weight), _export(bias), _export(running_mean),
             _export(running_var), _to_dlpack(y), _arrays.export(mean), _arrays.export(invstd),
             True, momentum, eps, axis, comm, unbiased, _arrays.export(save_count), stream,
-            info["layer"], info["name"], _fn._fingerprint)
+            info["layer"], info["name"], _fn._fingerprint, _export(mask),
+            _arrays.export(counts))
         if cuda:
             count = save_count
         ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (mean, invstd, count, comm, axis, info["layer"], info["name"], unbiased, eps)
+        ctx.stats = (mean, invstd, count, comm, axis, info["layer"], info["name"], unbiased, eps,
+                     mask, counts)
         info["count"], info["mean"], info["invstd"] = count, mean, invstd
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        mean, invstd, count, comm, axis, layer, name, unbiased, eps = ctx.stats
+        mean, invstd, count, comm, axis, layer, name, unbiased, eps, mask, counts = ctx.stats
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() or _transformed(dy) or not _has_storage(dy):
+            if mask is not None:
+                raise NotImplementedError(
+                    "mask: masked statistics have no double backward or batched gradients "
+                    "(the composition of torch ops is unmasked)")
             # A graph of the gradients is wanted (double backward) or dy is batched
             # (is_grads_batched): differentiate the composition of torch ops instead.
             return _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps,
@@ -117,7 +126,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                        _arrays.export(invstd), _export(weight), _export(dx), _export(dw),
                        _export(db), True, float("nan") if cuda else count, axis, comm,
                        _arrays.export(count) if cuda else None,
-                       _arrays.prepare(x) if cuda else 0, layer, name, _fn._fingerprint)
+                       _arrays.prepare(x) if cuda else 0, layer, name, _fn._fingerprint,
+                       _export(mask), _arrays.export(counts))
         return (dx, dw, db) + (None,) * 8
 
 
@@ -134,7 +144,7 @@ class _RecomputedFunction(torch.autograd.Function):
                                _arrays.export(invstd), _export(weight), _export(bias),
                                _to_dlpack(y), _arrays.prepare(x))
         ctx.save_for_backward(x, weight, bias)
-        ctx.stats = (mean, invstd, count, comm, axis, layer, name, unbiased, eps)
+        ctx.stats = (mean, invstd, count, comm, axis, layer, name, unbiased, eps, None, None)
         return y
 
     @staticmethod
@@ -617,19 +627,26 @@ def revert_sync_batchnorm(module):
 
 
 def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                     comm, axis=1, unbiased=True, layer=0, layer_name=""):
+                     comm, axis=1, unbiased=True, layer=0, layer_name="", mask=None):
     """Returns (y, global count): batch statistics synchronized over ``comm`` when
     ``training``, else the running statistics (no communication). Any channel axis;
-    ``unbiased=False`` updates the running variance with the biased one (Keras)."""
+    ``unbiased=False`` updates the running variance with the biased one (Keras). ``mask``
+    (training): the statistics of the elements where it is nonzero (x's shape, or with 1
+    at the channel axis; see ForwardOptions::mask)."""
     if not training:
         y, ctx = _fn.batch_norm_forward(x, weight, bias, running_mean, running_var,
                                         training=False, eps=eps, axis=axis,
                                         comm=_comm.local())
         return y, ctx.count
+    if mask is not None:
+        if _transformed(x):
+            raise NotImplementedError("mask: masked statistics under torch.func transforms "
+                                      "or forward-mode AD are not supported")
+        mask = mask.to(x.dtype).contiguous()
     if _transformed(x):
         return _composite(x, weight, bias, comm, axis, layer, layer_name, eps, True,
                           running_mean, running_var, momentum, unbiased)
-    info = {"layer": layer, "name": layer_name}
+    info = {"layer": layer, "name": layer_name, "mask": mask}
     y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum,
                                      eps, comm, axis, unbiased, info)
     return y, info["count"]

@@ -113,6 +113,22 @@ struct ForwardOptions {
   int64_t layer = 0;
   const char* layer_name = nullptr;
   bool verify = true;
+  // Masked statistics (training; eval ignores it, as Keras and Flax do): any floating
+  // dtype, on the CPU; the batch statistics are those of the elements where it is nonzero,
+  // and every element is normalized with them. Two forms:
+  // - x's shape with extent 1 at the channel axis (a mask of positions, e.g. padding): the
+  //   count is the number of counted positions, all ranks together. The collective is the
+  //   unmasked one (an all-ones mask gives the same buffer), so ranks may mix masked and
+  //   unmasked calls of a layer.
+  // - x's shape (it may differ between channels): each channel has its own count, written
+  //   to `counts` (float64 (C,), required); the return value is their sum. The all-reduce
+  //   carries the C counts behind the fingerprint, so every rank of the layer must pass
+  //   this form (a rank without it sends a shorter buffer).
+  // A global count of 0 (every element masked out on every rank; per channel for the
+  // second form) normalizes with mean 0 and variance 0 (Keras' result) and leaves the
+  // running statistics alone; the forward returns 0 then even though y is written.
+  const TensorView* mask = nullptr;
+  const TensorView* counts = nullptr;
   CollectiveKey key() const { return {layer, layer_name, verify, 0}; }
 };
 
@@ -137,6 +153,10 @@ struct BackwardOptions {
   int64_t layer = 0;  // as in ForwardOptions
   const char* layer_name = nullptr;
   bool verify = true;
+  // The forward's mask and per-channel counts (ForwardOptions::mask, counts): dx is the
+  // gradient of the masked statistics; training only. `count` is the forward's return.
+  const TensorView* mask = nullptr;
+  const TensorView* counts = nullptr;
   CollectiveKey key() const { return {layer, layer_name, verify, 0}; }
 };
 

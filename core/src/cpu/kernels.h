@@ -3,6 +3,8 @@
 // Per-channel parameters are float64 arrays of length C.
 #pragma once
 
+#include <cstdint>
+
 #include "syncbn/tensor.h"
 
 namespace syncbn::cpu {
@@ -23,5 +25,12 @@ void batch_norm_backward_reduce(const void* dy, const void* x, DType dt, const G
 void batch_norm_backward_elemt(const void* dy, const void* x, void* dx, DType dt, const Geometry& g,
                                const double* mean, const double* mean_dy, const double* k,
                                const double* gain);
+
+// Masks (one uint8 per element, nonzero: the element counts): out = x where the mask is
+// set, else fill[c]; and dx = dy * gain[c] where it is not.
+void select_masked(const void* x, const uint8_t* mask, void* out, DType dt, const Geometry& g,
+                   const double* fill);
+void scale_masked_out(const void* dy, const uint8_t* mask, void* dx, DType dt, const Geometry& g,
+                      const double* gain);
 
 }  // namespace syncbn::cpu
