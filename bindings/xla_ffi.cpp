@@ -64,6 +64,13 @@ std::optional<TensorView> maybe(const ffi::AnyBuffer& b, const char* name, const
   return view(b, name, p, read_only);
 }
 
+// The mask: absent when it is the 1-D placeholder (x has at least 2 dimensions); an empty
+// mask of x's rank (a rank with no samples) is still a mask.
+std::optional<TensorView> mask_or_none(const ffi::AnyBuffer& b, const Platform& p) {
+  if (b.dimensions().size() < 2) return std::nullopt;
+  return view(b, "mask", p, true);
+}
+
 const TensorView* ptr(const std::optional<TensorView>& v) {
   return v ? &*v : nullptr;
 }
@@ -158,7 +165,7 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
     const std::string name(layer_name);
     TensorView xv = view(x, "x", p, true), yv = view(*y, "y", p, false);
     auto wv = maybe(scale, "scale", p, true), bv = maybe(bias, "bias", p, true);
-    auto mv = maybe(mask, "mask", p, true);
+    auto mv = mask_or_none(mask, p);
     check_aliased(mean, *new_mean, "mean", p);
     check_aliased(var, *new_var, "var", p);
     TensorView rm = view(*new_mean, "mean", p, false), rv = view(*new_var, "var", p, false);
@@ -207,7 +214,7 @@ ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi:
     const std::string name(layer_name);
     TensorView dyv = view(dy, "dy", p, true), xv = view(x, "x", p, true);
     TensorView dxv = view(*dx, "dx", p, false);
-    auto wv = maybe(scale, "scale", p, true), mv = maybe(mask, "mask", p, true);
+    auto wv = maybe(scale, "scale", p, true), mv = mask_or_none(mask, p);
     auto gw = maybe(*dscale, "dscale", p, false), gb = maybe(*dbias, "dbias", p, false);
     const int64_t C = channels(xv, axis);
     const bool pc = training && per_channel(mv, xv, axis);

@@ -376,8 +376,8 @@ def load(job, part):
 def job3(tmp_path_factory):
     """mpiexec -n 3, global batch split 3/0/2 (a rank with no samples)."""
     out = tmp_path_factory.mktemp("jax3")
-    proc = run_mpi(3, WORKERS / "jax_worker.py", out, "3,0,2", "functional", "flax",
-                   "pycomm", "order", "mismatch", timeout=420, env=MPI_ENV)
+    proc = run_mpi(3, WORKERS / "jax_worker.py", out, "3,0,2", "functional", "masked", "flax",
+                   "pycomm", "order", "mismatch", timeout=480, env=MPI_ENV)
     return Job(out, 3, proc.stdout)
 
 
@@ -385,8 +385,8 @@ def job3(tmp_path_factory):
 def job2(tmp_path_factory):
     """mpiexec -n 2, global batch split 5/1."""
     out = tmp_path_factory.mktemp("jax2")
-    proc = run_mpi(2, WORKERS / "jax_worker.py", out, "5,1", "keras", "order", "example",
-                   timeout=420, env=MPI_ENV)
+    proc = run_mpi(2, WORKERS / "jax_worker.py", out, "5,1", "keras", "masked", "order",
+                   "example", timeout=480, env=MPI_ENV)
     return Job(out, 2, proc.stdout)
 
 
@@ -407,6 +407,29 @@ def test_functional_equals_flax_on_the_global_batch(job3):
                     np.testing.assert_allclose(r[k], ref[k], err_msg=k,
                                                **(tol if "bf16" in name else
                                                   dict(rtol=1e-4, atol=1e-4)))
+
+
+@pytest.mark.parametrize("job", ["job3", "job2"])
+def test_masked_statistics_equal_flax_and_keras_masked_batchnorm_on_the_global_batch(job,
+                                                                                   request):
+    """Masks of positions (some ranks passing none) and masks with the channel axis
+    (per-channel counts), uneven ranks and an empty one (job3: 3/0/2; job2: 5/1): y, dx,
+    the rank-summed parameter gradients and the running statistics of 3 jitted SGD steps
+    equal flax's masked BatchNorm on the concatenated batch; keras' too (JAX backend)."""
+    ranks, ref = load(request.getfixturevalue(job), "masked")
+    names = sorted({k.rsplit("_", 1)[0] for k in ref if not k.startswith("keras")})
+    assert names == ["chan_nchw", "pos_ncl_mixed", "pos_nhwc"], names
+    for k in ref:
+        if k.endswith(("_y0", "_y1", "_y2", "_dx0", "_dx1", "_dx2")) or k.endswith("keras_last_y") \
+                or k.endswith("keras_first_y"):  # this rank's rows of the global result
+            got = np.concatenate([r[k] for r in ranks])
+        else:  # summed gradients and running statistics: the same on every rank
+            got = None
+        if got is not None:
+            np.testing.assert_allclose(got, ref[k], rtol=1e-4, atol=1e-4, err_msg=k)
+            continue
+        for r in ranks:
+            np.testing.assert_allclose(r[k], ref[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 def test_flax_nnx_and_linen_train_like_flax_batchnorm_on_the_global_batch(job3):

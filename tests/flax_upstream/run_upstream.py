@@ -35,13 +35,9 @@ HERE = Path(__file__).resolve().parent
 SUITES = {"tests/nnx/nn/normalization_test.py": "batchnorm or spectralnorm",
           "tests/linen/linen_test.py": "batch_norm"}
 
-_MASK = "mask: a mask that varies along the channel axis"
 # Deliberate differences (README, "Flax's own tests"): test name without absl's parameter
 # index -> (what syncbn's failure says, why).
 KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
-    "test_nnx_linen_batchnorm_equivalence": (
-        _MASK, "the mask=[...] cases mask features, not positions (a (5,) mask over x (2, 5)): "
-               "syncbn's masks count positions, the same for every channel"),
     "test_batch_norm_complex": (
         "x: expected float16, bfloat16, float32 or float64, got complex64",
         "complex inputs: the core's kernels are real"),

@@ -145,6 +145,108 @@ def part_functional(out, sl):
         save(out, "functional", ref, ref=True)
 
 
+# ---- masked: masked statistics against flax's masked BatchNorm -----------------------------
+
+MASKED_CASES = [
+    # name, per-sample shape, channel axis, per-sample mask shape (None: the mask varies
+    # along the channel axis, x's shape: per-channel counts), odd ranks pass mask=None
+    ("pos_nhwc", (5, 4, 3), -1, (5, 4, 1), False),
+    ("pos_ncl_mixed", (6, 4), 1, (1, 4), True),
+    ("chan_nchw", (3, 5, 4), 1, None, False),
+]
+
+
+def part_masked(out, sl):
+    """syncbn.jax.batch_norm(mask=...) under jit for 3 SGD steps against flax's
+    nnx.BatchNorm(mask=...) on the concatenated batch; masked-out elements hold 40, far
+    from the counted ones (mean 3, std 2): counting one would move the statistics. Also keras' masked moments on the
+    JAX backend: SyncBatchNormalization(mask=...) against BatchNormalization on the global
+    batch, channels-last (a mask of positions) and channels-first (per-channel counts)."""
+    from flax import nnx
+
+    res, ref = {}, {}
+    for name, shape, axis, mshape, mixed in MASKED_CASES:
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        C = shape[axis - 1] if axis > 0 else shape[axis]
+        steps = 3
+        ms = [rng.random((sl.N,) + (mshape or shape)) > 0.25 for _ in range(steps)]
+        for m in ms:  # at least 2 counted values per channel (1 raises, as unmasked)
+            m[:2] = True
+        if mixed:  # the ranks that pass no mask: every one of their positions counts
+            for m in ms:
+                for r in range(1, nranks, 2):
+                    m[sum(sl.sizes[:r]):sum(sl.sizes[:r + 1])] = True
+        xs = [np.where(np.broadcast_to(m, (sl.N,) + shape),
+                       rng.standard_normal((sl.N,) + shape) * 2 + 3, 40.0) for m in ms]
+        gs = [rng.standard_normal((sl.N,) + shape) for _ in range(steps)]
+        scale0 = rng.uniform(0.5, 1.5, C).astype(np.float32)
+        bias0 = rng.standard_normal(C).astype(np.float32)
+
+        def loss_ours(params, stats, x, g, m, _axis=axis):
+            y, new = sbj.batch_norm(x, params[0], params[1], stats, momentum=0.9, axis=_axis,
+                                    layer=9, mask=m)
+            return (y * g).sum(), (y, new)
+
+        step = jax.jit(jax.value_and_grad(loss_ours, argnums=(0, 2), has_aux=True))
+        params = (jnp.asarray(scale0), jnp.asarray(bias0))
+        stats = (jnp.zeros(C, jnp.float32), jnp.ones(C, jnp.float32))
+        for s in range(steps):
+            m = None if mixed and rank % 2 else jnp.asarray(sl(ms[s]))
+            (_, (y, stats)), (dp, dx) = step(params, stats, jnp.asarray(sl(xs[s]), jnp.float32),
+                                             jnp.asarray(sl(gs[s]), jnp.float32), m)
+            dp = allreduce(dp)
+            res[f"{name}_y{s}"], res[f"{name}_dx{s}"] = f64(y), f64(dx)
+            res[f"{name}_dscale{s}"], res[f"{name}_dbias{s}"] = dp
+            params = tuple(jnp.asarray(p - 0.1 * d, jnp.float32)
+                           for p, d in zip(params, dp, strict=True))
+            res[f"{name}_mean{s}"], res[f"{name}_var{s}"] = f64(stats)
+        if rank == 0:
+            bn = nnx.BatchNorm(C, axis=axis, momentum=0.9, rngs=nnx.Rngs(0))
+            bn.scale[...], bn.bias[...] = jnp.asarray(scale0), jnp.asarray(bias0)
+
+            def loss_ref(bn, x, g, m):
+                y = bn(x, mask=m)
+                return (y * g).sum(), y
+
+            ref_step = nnx.jit(nnx.value_and_grad(loss_ref, argnums=(0, 1), has_aux=True))
+            for s in range(steps):
+                (_, y), (gbn, dx) = ref_step(bn, jnp.asarray(xs[s], jnp.float32),
+                                             jnp.asarray(gs[s], jnp.float32),
+                                             jnp.asarray(ms[s]))
+                ref[f"{name}_y{s}"], ref[f"{name}_dx{s}"] = f64(y), f64(dx)
+                ref[f"{name}_dscale{s}"] = f64(gbn["scale"][...])
+                ref[f"{name}_dbias{s}"] = f64(gbn["bias"][...])
+                bn.scale[...] = bn.scale[...] - 0.1 * gbn["scale"][...]
+                bn.bias[...] = bn.bias[...] - 0.1 * gbn["bias"][...]
+                ref[f"{name}_mean{s}"], ref[f"{name}_var{s}"] = f64((bn.mean[...], bn.var[...]))
+
+    # keras on jax: one training call each (keras' layer keeps its state in variables)
+    import keras
+
+    from syncbn.keras import SyncBatchNormalization
+
+    fast_keys(False)
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((sl.N, 4, 3)).astype(np.float32) * 3 + 1
+    mask = rng.random((sl.N, 4)) > 0.3
+    mask[:2] = True
+    for label, axis in (("keras_last", -1), ("keras_first", 1)):
+        ours = SyncBatchNormalization(axis=axis, momentum=0.5)
+        y = ours(jnp.asarray(sl(x)), training=True, mask=jnp.asarray(sl(mask)))
+        res[f"{label}_y"] = f64(y)
+        res[f"{label}_mean"] = f64(ours.moving_mean.value)
+        res[f"{label}_var"] = f64(ours.moving_variance.value)
+        if rank == 0:
+            bn = keras.layers.BatchNormalization(axis=axis, momentum=0.5)
+            y = bn(jnp.asarray(x), training=True, mask=jnp.asarray(mask))
+            ref[f"{label}_y"] = f64(y)
+            ref[f"{label}_mean"] = f64(bn.moving_mean.value)
+            ref[f"{label}_var"] = f64(bn.moving_variance.value)
+    save(out, "masked", res)
+    if rank == 0:
+        save(out, "masked", ref, ref=True)
+
+
 # ---- flax: a small CNN with syncbn.flax.BatchNorm against nnx.BatchNorm ------------------
 
 
