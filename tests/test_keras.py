@@ -177,13 +177,10 @@ def test_bad_arguments_are_named(kwargs, exc, match):
         SyncBatchNormalization(**kwargs)
 
 
-def test_axis_out_of_range_and_masks_in_training_are_clear_errors():
+def test_axis_out_of_range_and_bad_masks_are_clear_errors():
     with pytest.raises(ValueError, match=r"^axis: expected axes in \[-2, 2\)"):
         SyncBatchNormalization(axis=3)(np.zeros((4, 3), "float32"))
-    x, mask = np.zeros((4, 3, 2), "float32"), np.ones((4, 3), bool)
-    with pytest.raises(ValueError, match="mask: SyncBatchNormalization does not support masks "
-                                         "in training"):
-        SyncBatchNormalization()(x, mask=mask, training=True)
+    x = np.zeros((4, 3, 2), "float32")
     with pytest.raises(ValueError, match=r"mask: expected one dimension less than the inputs"):
         SyncBatchNormalization()(x, mask=np.ones((4,), bool))
 
@@ -229,6 +226,8 @@ def test_mpi_ranks_equal_keras_batchnormalization_on_the_concatenated_batch(nran
         data[f"g{s}"] = rng.standard_normal((total, 4, 3)).astype("float32")
         data[f"mx{s}"] = rng.standard_normal((total, 6, 6, 2)).astype("float32")
         data[f"mt{s}"] = rng.standard_normal((total, 2)).astype("float32")
+        data[f"k{s}"] = rng.random((total, 4)) > 0.3
+        data[f"k{s}"][:2] = True  # at least 2 counted values per channel
     np.savez(tmp_path / "data.npz", **data)
     run_mpi(nranks, WORKERS / "keras_worker.py", tmp_path / "data.npz", tmp_path, timeout=240)
     res = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(nranks)]
@@ -263,6 +262,24 @@ def test_mpi_ranks_equal_keras_batchnormalization_on_the_concatenated_batch(nran
         for i, w in enumerate(model.weights):
             np.testing.assert_allclose(res[r][f"model_{i}_{w.name}"], np_(w), rtol=1e-4,
                                        atol=1e-5, err_msg=f"rank {r} weight {i} {w.name}")
+
+    # masked statistics: keras' masked moments on the concatenated batch
+    for label, axis in (("mlast", -1), ("mfirst", 1)):
+        ref = keras.layers.BatchNormalization(axis=axis)
+        for s in range(3):
+            x = torch.tensor(data[f"x{s}"], requires_grad=True)
+            y = ref(x, training=True, mask=torch.tensor(data[f"k{s}"]))
+            (y * torch.tensor(data[f"g{s}"])).sum().backward()
+            for r in range(nranks):
+                sl = slice(offs[r], offs[r + 1])
+                np.testing.assert_allclose(res[r][f"{label}_y{s}"], np_(y)[sl], rtol=1e-4,
+                                           atol=1e-4, err_msg=f"{label} y{s}")
+                np.testing.assert_allclose(res[r][f"{label}_dx{s}"], x.grad.numpy()[sl],
+                                           rtol=1e-4, atol=1e-4, err_msg=f"{label} dx{s}")
+        for r in range(nranks):
+            for w in ref.weights:
+                np.testing.assert_allclose(res[r][f"{label}_{w.name}"], np_(w), rtol=1e-4,
+                                           atol=1e-5, err_msg=f"{label} {w.name}")
     assert syncbn.build_info()["mpi"]
 
 
@@ -293,3 +310,45 @@ def test_on_cuda_equals_keras_batchnormalization():
             np.testing.assert_allclose(np_(wo), np_(wr), rtol=1e-5, atol=1e-6, err_msg=wo.name)
         x = torch.randn(5, 3, 4, 4, device="cuda")
         np.testing.assert_allclose(np_(ours(x)), np_(ref(x)), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("axis", [-1, 1, [1, 2]])
+def test_masked_training_equals_keras_batchnormalization(axis):
+    """A mask of positions (axis=-1), one that varies along the channels (axis=1: Keras
+    broadcasts the mask over the last axis), and two feature axes: y, dx and the moving
+    statistics equal keras.layers.BatchNormalization's masked moments."""
+    rng = np.random.default_rng(3)
+    x0 = (rng.standard_normal((6, 4, 3)) * 2 + 1).astype("float32")
+    x0[:, 1] = 50.0  # masked out below: counting it would move the statistics far
+    mask = rng.random((6, 4)) > 0.3
+    mask[:, 1], mask[:2, 0] = False, True
+    g = torch.tensor(rng.standard_normal((6, 4, 3)).astype("float32"))
+    outs = []
+    # keras' class takes one axis: two are checked against float64 masked moments
+    for layer in (SyncBatchNormalization(axis=axis, momentum=0.5),
+                  keras.layers.BatchNormalization(axis=axis, momentum=0.5)
+                  if not isinstance(axis, list) else None):
+        if layer is None:
+            mb = np.broadcast_to(mask[..., None], x0.shape)
+            k = np.maximum(mb.sum(0), 1)
+            mean = np.where(mb, x0, 0).astype(np.float64).sum(0) / k
+            var = np.where(mb, (x0 - mean) ** 2, 0).sum(0) / k
+            y = (x0 - mean) / np.sqrt(var + 1e-3)
+            outs.append((y, outs[0][1], 0.5 * mean, 0.5 + 0.5 * var))  # dx: not checked here
+            continue
+        x = torch.tensor(x0, requires_grad=True)
+        y = layer(x, training=True, mask=torch.tensor(mask))
+        (y * g).sum().backward()
+        outs.append((np_(y), x.grad.numpy(), np_(layer.moving_mean), np_(layer.moving_variance)))
+    axes = [a % 3 for a in (axis if isinstance(axis, list) else [axis])]
+    counts = np.broadcast_to(mask[..., None], x0.shape).sum(
+        axis=tuple(d for d in range(3) if d not in axes))
+    assert (counts == 0).any() == (axis != -1)  # a channel with nothing counted
+    for got, want, what in zip(outs[0], outs[1], ("y", "dx", "mean", "var"), strict=True):
+        if what in ("mean", "var"):
+            got, want = np.reshape(got, counts.shape), np.reshape(want, counts.shape)
+            # README: Keras moves a channel that counted nothing toward (0, 0), the moments
+            # of its empty set; syncbn leaves it (0, 1 here: the initial values).
+            np.testing.assert_array_equal(got[counts == 0], 0.0 if what == "mean" else 1.0)
+            got, want = got[counts > 0], want[counts > 0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=what)

@@ -5,7 +5,10 @@ Usage: mpiexec -n N python -m mpi4py keras_worker.py DATA.npz OUT_DIR
 Part 1: a SyncBatchNormalization layer (axis=-1, Keras defaults) on this rank's slice for
 3 training steps: outputs, input gradients and moving statistics.
 Part 2: a small model trained with a custom loop (gradients summed across ranks with
-mpi4py) for 3 SGD steps; its weights. Saved to OUT_DIR/rank{r}.npz.
+mpi4py) for 3 SGD steps; its weights.
+Part 3: masked statistics: layers with axis=-1 (a mask of positions) and axis=1 (the
+mask varies along the channels: per-channel counts) called with ``mask=`` for 3 steps.
+Saved to OUT_DIR/rank{r}.npz.
 """
 
 import os
@@ -56,6 +59,16 @@ def main(data_path, out_dir):
         opt.apply(grads, model.trainable_weights)
     for i, w in enumerate(model.weights):
         out[f"model_{i}_{w.name}"] = keras.ops.convert_to_numpy(w)
+
+    for label, axis in (("mlast", -1), ("mfirst", 1)):
+        layer = SyncBatchNormalization(axis=axis)
+        for s in range(3):
+            x = torch.tensor(data[f"x{s}"][off:off + n], requires_grad=True)
+            y = layer(x, training=True, mask=torch.tensor(data[f"k{s}"][off:off + n]))
+            (y * torch.tensor(data[f"g{s}"][off:off + n])).sum().backward()
+            out[f"{label}_y{s}"], out[f"{label}_dx{s}"] = y.detach().numpy(), x.grad.numpy()
+        for w in layer.weights:
+            out[f"{label}_{w.name}"] = keras.ops.convert_to_numpy(w)
     np.savez(os.path.join(out_dir, f"rank{r}.npz"), **out)
 
 
