@@ -154,12 +154,11 @@ int64_t register_communicator(Communicator* comm) {
 
 ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
                    ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer mask,
-                   ffi::AnyBuffer token,
-                   ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> new_mean,
-                   ffi::Result<ffi::AnyBuffer> new_var, ffi::Result<ffi::AnyBuffer> saved,
-                   ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
-                   double momentum, double eps, bool unbiased, int64_t comm, int64_t layer,
-                   std::string_view layer_name, bool verify) {
+                   ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::AnyBuffer> new_mean, ffi::Result<ffi::AnyBuffer> new_var,
+                   ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> token_out,
+                   int64_t axis, bool training, double momentum, double eps, bool unbiased,
+                   int64_t comm, int64_t layer, std::string_view layer_name, bool verify) {
   (void)token, (void)token_out;  // only a data dependency
   return guarded([&] {
     const std::string name(layer_name);
@@ -205,10 +204,11 @@ ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ff
 }
 
 ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
-                    ffi::Result<ffi::AnyBuffer> dscale, ffi::Result<ffi::AnyBuffer> dbias,
-                    ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
-                    int64_t comm, int64_t layer, std::string_view layer_name, bool verify) {
+                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
+                    ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> token_out,
+                    int64_t axis, bool training, int64_t comm, int64_t layer,
+                    std::string_view layer_name, bool verify) {
   (void)token, (void)token_out;
   return guarded([&] {
     const std::string name(layer_name);

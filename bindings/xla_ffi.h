@@ -13,8 +13,8 @@
 // A zero-length scale, bias or mask is "absent" (flax's use_scale/use_bias=False, no mask).
 // mask: x's shape, or with 1 at the channel axis; x's dtype (ForwardOptions::mask).
 // `saved` is uint32[2 * (2C + 1)]: the float64 [mean (C) | invstd (C) | count] of the
-// forward (and its per-channel counts (C) behind, with a mask that has the channel axis), kept as raw bytes so it needs no jax_enable_x64 (float64 results would be
-// float32 without it).
+// forward (and its per-channel counts (C) behind, with a mask that has the channel axis), kept as
+// raw bytes so it needs no jax_enable_x64 (float64 results would be float32 without it).
 // Attributes: axis (i64), training (bool), momentum, eps (f64, PyTorch's convention),
 // unbiased (bool, forward), comm (i64: a registry id, below), layer (i64), layer_name
 // (string), verify (bool).
@@ -95,18 +95,18 @@ struct Platform {
 
 ffi::Error forward(const Platform& p, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
                    ffi::AnyBuffer mean, ffi::AnyBuffer var, ffi::AnyBuffer mask,
-                   ffi::AnyBuffer token,
-                   ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> new_mean,
-                   ffi::Result<ffi::AnyBuffer> new_var, ffi::Result<ffi::AnyBuffer> saved,
-                   ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
-                   double momentum, double eps, bool unbiased, int64_t comm, int64_t layer,
-                   std::string_view layer_name, bool verify);
+                   ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::AnyBuffer> new_mean, ffi::Result<ffi::AnyBuffer> new_var,
+                   ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> token_out,
+                   int64_t axis, bool training, double momentum, double eps, bool unbiased,
+                   int64_t comm, int64_t layer, std::string_view layer_name, bool verify);
 
 ffi::Error backward(const Platform& p, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
-                    ffi::Result<ffi::AnyBuffer> dscale, ffi::Result<ffi::AnyBuffer> dbias,
-                    ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
-                    int64_t comm, int64_t layer, std::string_view layer_name, bool verify);
+                    ffi::AnyBuffer mask, ffi::AnyBuffer saved, ffi::AnyBuffer token,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
+                    ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> token_out,
+                    int64_t axis, bool training, int64_t comm, int64_t layer,
+                    std::string_view layer_name, bool verify);
 
 }  // namespace syncbn::xla
 

@@ -16,21 +16,20 @@ ffi::Error forward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer x, ffi::An
                         ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> token_out,
                         int64_t axis, bool training, double momentum, double eps, bool unbiased,
                         int64_t comm, int64_t layer, std::string_view layer_name, bool verify) {
-  return syncbn::xla::forward(Platform{true, ordinal, stream}, x, scale, bias, mean, var, mask, token, y,
-                              new_mean, new_var, saved, token_out, axis, training, momentum, eps,
-                              unbiased, comm, layer, layer_name, verify);
+  return syncbn::xla::forward(Platform{true, ordinal, stream}, x, scale, bias, mean, var, mask,
+                              token, y, new_mean, new_var, saved, token_out, axis, training,
+                              momentum, eps, unbiased, comm, layer, layer_name, verify);
 }
 
 ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer dy, ffi::AnyBuffer x,
                          ffi::AnyBuffer scale, ffi::AnyBuffer mask, ffi::AnyBuffer saved,
-                         ffi::AnyBuffer token,
-                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
-                         ffi::Result<ffi::AnyBuffer> dbias, ffi::Result<ffi::AnyBuffer> token_out,
-                         int64_t axis, bool training, int64_t comm, int64_t layer,
-                         std::string_view layer_name, bool verify) {
-  return syncbn::xla::backward(Platform{true, ordinal, stream}, dy, x, scale, mask, saved, token, dx,
-                               dscale, dbias, token_out, axis, training, comm, layer, layer_name,
-                               verify);
+                         ffi::AnyBuffer token, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Result<ffi::AnyBuffer> dscale, ffi::Result<ffi::AnyBuffer> dbias,
+                         ffi::Result<ffi::AnyBuffer> token_out, int64_t axis, bool training,
+                         int64_t comm, int64_t layer, std::string_view layer_name, bool verify) {
+  return syncbn::xla::backward(Platform{true, ordinal, stream}, dy, x, scale, mask, saved, token,
+                               dx, dscale, dbias, token_out, axis, training, comm, layer,
+                               layer_name, verify);
 }
 
 }  // namespace

@@ -578,3 +578,56 @@ def test_a_channel_of_plus_inf_gives_running_mean_inf_like_torch():
     assert ours.running_mean[1] == float("inf")
     torch.testing.assert_close(ours.running_var, ref.running_var, equal_nan=True)
     torch.testing.assert_close(y_ours, y_ref, equal_nan=True)
+
+
+# ---- masks (the core's ForwardOptions::mask, through the bindings) ------------------------
+
+
+def _masked_forward(mask, counts=None, x=None):
+    from syncbn import _core
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 2)) if x is None else x
+    C = x.shape[1]
+    rm, rv = np.zeros(C), np.ones(C)
+    y, sm, si = np.empty_like(x), np.empty(C), np.empty(C)
+    n = _core.forward(x, None, None, rm, rv, y, sm, si, True, 0.1, 1e-5, 1,
+                      syncbn.comm.local(), mask=mask, counts=counts)
+    return n, y, rm, rv
+
+
+def test_mask_of_the_wrong_shape_is_a_value_error_naming_mask_before_anything_is_written():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2))
+    for bad in (np.ones((4, 2)), np.ones((4, 2, 2)), np.ones((3, 1, 2))):
+        with pytest.raises(ValueError, match=r"^mask: expected shape \(4, 3, 2\) \(the shape of "
+                                             r"x\) or \(4, 1, 2\)"):
+            _masked_forward(bad, x=x)
+
+
+def test_mask_with_the_channel_axis_needs_counts():
+    with pytest.raises(ValueError, match=r"^counts: expected a float64 \(3,\) array"):
+        _masked_forward(np.ones((4, 3, 2)))
+
+
+def test_masks_count_positions_or_per_channel_elements():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 2))
+    m = (rng.random((4, 1, 2)) > 0.3).astype(np.float64)
+    m[:2] = 1
+    n, y, rm, rv = _masked_forward(m, x=x)
+    mb = np.broadcast_to(m, x.shape) > 0
+    sel = np.where(mb, x, np.nan)
+    mean, var = np.nanmean(sel, axis=(0, 2)), np.nanvar(sel, axis=(0, 2))
+    assert n == mb[:, 0].sum()
+    np.testing.assert_allclose(y, (x - mean[:, None]) / np.sqrt(var[:, None] + 1e-5), rtol=1e-12)
+    np.testing.assert_allclose(rv, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-12)  # torch's rule
+    full = (rng.random(x.shape) > 0.4).astype(np.float32)
+    full[:, 2] = 0  # channel 2 counts nothing: mean 0, variance 0, running stats left
+    full[:2, :2] = 1
+    counts = np.empty(3)
+    n, y, rm, rv = _masked_forward(full, counts, x=x)
+    np.testing.assert_array_equal(counts, full.sum(axis=(0, 2)))
+    assert n == counts.sum()
+    np.testing.assert_allclose(y[:, 2], x[:, 2] / np.sqrt(1e-5), rtol=1e-12)
+    assert rm[2] == 0 and rv[2] == 1
+    sel = np.where(full > 0, x, np.nan)
+    np.testing.assert_allclose(rm[:2], 0.1 * np.nanmean(sel[:, :2], axis=(0, 2)), rtol=1e-12)

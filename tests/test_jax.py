@@ -503,3 +503,19 @@ def test_two_grads_and_a_forward_in_one_jit_are_chained():
     for i in range(1, len(chain)):  # backward after its forward by the saved statistics,
         prev, (_, kind, token_src, all_src) = chain[i - 1][0], chain[i]  # the rest by token
         assert prev in all_src if kind == "syncbn_backward" else token_src == {prev}, chain
+
+
+def test_masks_flax_semantics_and_errors():
+    """A mask broadcastable to x (flax's rule) in training; eval ignores it (as flax);
+    a shape that does not broadcast is a ValueError naming mask, before any collective."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((6, 4)), jnp.float32)
+    st = (jnp.zeros(4), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"^mask: expected a shape that broadcasts to x's"):
+        sbj.batch_norm(x, stats=st, mask=jnp.ones((5,), bool))
+    y_eval, _ = sbj.batch_norm(x, stats=st, training=False, mask=jnp.zeros((6, 1), bool))
+    np.testing.assert_allclose(y_eval, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    m = jnp.asarray([1, 1, 0, 1, 0, 1], bool)[:, None]  # (6, 1): positions
+    y, (mean, var) = sbj.batch_norm(x, stats=st, mask=m, momentum=0.0)
+    sel = np.asarray(x)[np.asarray(m[:, 0])]
+    np.testing.assert_allclose(mean, sel.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, sel.var(0), rtol=1e-5)

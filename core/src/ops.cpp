@@ -108,9 +108,10 @@ bool check_mask(const TensorView* mask, const TensorView& x, int axis) {
          mask->shape_str());
   }
   if (mask->device.type != DeviceType::CPU || x.device.type != DeviceType::CPU)
-    fail("mask: masked statistics run on CPU arrays only (no device kernels for them yet), got "
-         "x on ",
-         device_name(x.device), " and mask on ", device_name(mask->device));
+    fail(
+        "mask: masked statistics run on CPU arrays only (no device kernels for them yet), got "
+        "x on ",
+        device_name(x.device), " and mask on ", device_name(mask->device));
   return mask->shape[axis] != 1;
 }
 
@@ -262,7 +263,8 @@ void check_reduced_counts(const double* buf, int64_t C, const double* local,
   }
   if (total != buf[2 * C])
     fail<CommError>("syncbn: ", comm.kind(), " all-reduce returned per-channel counts summing to ",
-                    total, " and a total of ", buf[2 * C], ": the ranks' buffers differ in layout "
+                    total, " and a total of ", buf[2 * C],
+                    ": the ranks' buffers differ in layout "
                     "(a mask with the channel axis on some ranks only?)");
 }
 
@@ -277,10 +279,11 @@ double gather(const double* buf, int64_t C, double momentum, double eps, bool un
   if (N == 0) return 0;
   for (int64_t c = 0; c < C; ++c)
     if ((counts ? counts[c] : N) == 1)
-      fail("x: expected more than 1 value per channel when training, got a global batch of 1 "
-           "value",
-           counts ? detail::cat(" in channel ", c, " (counted by the mask)") : std::string(),
-           " (all ranks together)");
+      fail(
+          "x: expected more than 1 value per channel when training, got a global batch of 1 "
+          "value",
+          counts ? detail::cat(" in channel ", c, " (counted by the mask)") : " per channel",
+          " (all ranks together)");
   Vec m2(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
     const double n = counts ? counts[c] : N;

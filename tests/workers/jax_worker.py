@@ -159,9 +159,10 @@ MASKED_CASES = [
 def part_masked(out, sl):
     """syncbn.jax.batch_norm(mask=...) under jit for 3 SGD steps against flax's
     nnx.BatchNorm(mask=...) on the concatenated batch; masked-out elements hold 40, far
-    from the counted ones (mean 3, std 2): counting one would move the statistics. Also keras' masked moments on the
-    JAX backend: SyncBatchNormalization(mask=...) against BatchNormalization on the global
-    batch, channels-last (a mask of positions) and channels-first (per-channel counts)."""
+    from the counted ones (mean 3, std 2): counting one would move the statistics. Also
+    keras' masked moments on the JAX backend: SyncBatchNormalization(mask=...) against
+    BatchNormalization on the global batch, channels-last (a mask of positions) and
+    channels-first (per-channel counts)."""
     from flax import nnx
 
     res, ref = {}, {}
