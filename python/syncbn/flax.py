@@ -67,9 +67,9 @@ class BatchNorm(nnx.BatchNorm):
     Same arguments and state as ``nnx.BatchNorm`` (it is a subclass), plus ``comm`` (see
     :func:`syncbn.jax.batch_norm`) and ``name`` (how errors name the layer). Not supported
     (raise): ``axis_name``/``axis_index_groups`` (that is flax's own SPMD
-    synchronization), several feature axes, a ``mask`` that varies along the feature axis
-    (a mask over positions, broadcast over the features, is supported: the statistics of
-    the masked positions of every rank). ``use_fast_variance`` is accepted and ignored:
+    synchronization), several feature axes. ``mask`` (flax's: broadcastable to x) gives
+    the statistics of the masked-in elements of every rank (see
+    :func:`syncbn.jax.batch_norm`). ``use_fast_variance`` is accepted and ignored:
     the variance is always computed the stable way, in float64.
     """
 

@@ -55,7 +55,7 @@ for f in ops batch_norm_stats batch_norm_gather_stats batch_norm_elemt \
   spawn "cuda_$f.o" "$S/$f.cpp" "${EMU_INC[@]}"
 done
 for f in build_config collective device_backend tensor ops cpu/threads cpu/batch_norm_stats \
-         cpu/batch_norm_elemt cpu/batch_norm_backward_reduce cpu/batch_norm_backward_elemt \
+         cpu/batch_norm_elemt cpu/batch_norm_backward_reduce cpu/batch_norm_backward_elemt cpu/masked \
          comm/mpi; do
   spawn "core_${f//\//_}.o" "$ROOT/core/src/$f.cpp" "${CORE_INC[@]}"
 done
