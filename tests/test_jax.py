@@ -216,7 +216,7 @@ def test_backward_depends_on_its_own_forward_saved_statistics():
     text = jax.jit(jax.grad(two_branch_loss)).lower(p, x).as_text()
     fwd = re.findall(r"(%\w+):5 = .*custom_call @syncbn_forward", text)
     bwd = re.findall(r"custom_call @syncbn_backward\(([^)]*)\)", text)
-    saved = [ops.split(",")[3].strip() for ops in bwd]  # (dy, x, scale, saved, token)
+    saved = [ops.split(",")[4].strip() for ops in bwd]  # (dy, x, scale, mask, saved, token)
     assert sorted(s.split("#")[0] for s in saved) == sorted(fwd)
     assert all(s.endswith("#3") for s in saved)
 
