@@ -88,8 +88,32 @@ FUNCTIONAL_CASES = [
 ]
 
 
-def part_functional(out, sl):
+def flax_sgd_reference(name, C, axis, scale0, bias0, xs, gs, ms=None, lr=0.1):
+    """flax's nnx.BatchNorm (momentum 0.9) on the concatenated batch, one jitted SGD step
+    per x in xs with loss sum(y * g) (and mask ms[s]): the keys the ranks write."""
     from flax import nnx
+
+    bn = nnx.BatchNorm(C, axis=axis, momentum=0.9, rngs=nnx.Rngs(0))
+    bn.scale[...], bn.bias[...] = jnp.asarray(scale0), jnp.asarray(bias0)
+
+    def loss_ref(bn, x, g, m):
+        y = bn(x, mask=m)
+        return (y.astype(jnp.float32) * g).sum(), y
+
+    ref_step = nnx.jit(nnx.value_and_grad(loss_ref, argnums=(0, 1), has_aux=True))
+    ref = {}
+    for s in range(len(xs)):
+        (_, y), (gbn, dx) = ref_step(bn, xs[s], gs[s], None if ms is None else ms[s])
+        ref[f"{name}_y{s}"], ref[f"{name}_dx{s}"] = f64(y), f64(dx)
+        ref[f"{name}_dscale{s}"] = f64(gbn["scale"][...])
+        ref[f"{name}_dbias{s}"] = f64(gbn["bias"][...])
+        bn.scale[...] = bn.scale[...] - lr * gbn["scale"][...]
+        bn.bias[...] = bn.bias[...] - lr * gbn["bias"][...]
+        ref[f"{name}_mean{s}"], ref[f"{name}_var{s}"] = f64((bn.mean[...], bn.var[...]))
+    return ref
+
+
+def part_functional(out, sl):
 
     res, ref = {}, {}
     for name, shape, axis, dtype, use_jit in FUNCTIONAL_CASES:
@@ -121,25 +145,12 @@ def part_functional(out, sl):
                            for p, d in zip(params, dp, strict=True))
             res[f"{name}_mean{s}"], res[f"{name}_var{s}"] = f64(stats)
         if rank == 0:  # flax's BatchNorm on the concatenated batch
-            bn = nnx.BatchNorm(C, axis=axis, momentum=0.9, rngs=nnx.Rngs(0))
-            bn.scale[...], bn.bias[...] = jnp.asarray(scale0), jnp.asarray(bias0)
-
-            def loss_ref(bn, x, g):
-                y = bn(x)
-                return (y.astype(jnp.float32) * g).sum(), y
-
-            ref_step = nnx.jit(nnx.value_and_grad(loss_ref, argnums=(0, 1), has_aux=True))
-            for s in range(steps):
-                # Flax promotes a bfloat16 x to float32 with float32 parameters: the same
-                # bfloat16-rounded inputs, computed in float32.
-                x = jnp.asarray(jnp.asarray(xs[s], dtype), jnp.float32)
-                (_, y), (gbn, dx) = ref_step(bn, x, jnp.asarray(gs[s]))
-                ref[f"{name}_y{s}"], ref[f"{name}_dx{s}"] = f64(y), f64(dx)
-                ref[f"{name}_dscale{s}"] = f64(gbn["scale"][...])
-                ref[f"{name}_dbias{s}"] = f64(gbn["bias"][...])
-                bn.scale[...] = bn.scale[...] - 0.1 * gbn["scale"][...]
-                bn.bias[...] = bn.bias[...] - 0.1 * gbn["bias"][...]
-                ref[f"{name}_mean{s}"], ref[f"{name}_var{s}"] = f64((bn.mean[...], bn.var[...]))
+            # Flax promotes a bfloat16 x to float32 with float32 parameters: the same
+            # bfloat16-rounded inputs, computed in float32.
+            ref.update(flax_sgd_reference(
+                name, C, axis, scale0, bias0,
+                [jnp.asarray(jnp.asarray(x, dtype), jnp.float32) for x in xs],
+                [jnp.asarray(g) for g in gs]))
     save(out, "functional", res)
     if rank == 0:
         save(out, "functional", ref, ref=True)
@@ -163,7 +174,6 @@ def part_masked(out, sl):
     keras' masked moments on the JAX backend: SyncBatchNormalization(mask=...) against
     BatchNormalization on the global batch, channels-last (a mask of positions) and
     channels-first (per-channel counts)."""
-    from flax import nnx
 
     res, ref = {}, {}
     for name, shape, axis, mshape, mixed in MASKED_CASES:
@@ -202,24 +212,9 @@ def part_masked(out, sl):
                            for p, d in zip(params, dp, strict=True))
             res[f"{name}_mean{s}"], res[f"{name}_var{s}"] = f64(stats)
         if rank == 0:
-            bn = nnx.BatchNorm(C, axis=axis, momentum=0.9, rngs=nnx.Rngs(0))
-            bn.scale[...], bn.bias[...] = jnp.asarray(scale0), jnp.asarray(bias0)
-
-            def loss_ref(bn, x, g, m):
-                y = bn(x, mask=m)
-                return (y * g).sum(), y
-
-            ref_step = nnx.jit(nnx.value_and_grad(loss_ref, argnums=(0, 1), has_aux=True))
-            for s in range(steps):
-                (_, y), (gbn, dx) = ref_step(bn, jnp.asarray(xs[s], jnp.float32),
-                                             jnp.asarray(gs[s], jnp.float32),
-                                             jnp.asarray(ms[s]))
-                ref[f"{name}_y{s}"], ref[f"{name}_dx{s}"] = f64(y), f64(dx)
-                ref[f"{name}_dscale{s}"] = f64(gbn["scale"][...])
-                ref[f"{name}_dbias{s}"] = f64(gbn["bias"][...])
-                bn.scale[...] = bn.scale[...] - 0.1 * gbn["scale"][...]
-                bn.bias[...] = bn.bias[...] - 0.1 * gbn["bias"][...]
-                ref[f"{name}_mean{s}"], ref[f"{name}_var{s}"] = f64((bn.mean[...], bn.var[...]))
+            ref.update(flax_sgd_reference(
+                name, C, axis, scale0, bias0, [jnp.asarray(x, jnp.float32) for x in xs],
+                [jnp.asarray(g, jnp.float32) for g in gs], [jnp.asarray(m) for m in ms]))
 
     # keras on jax: one training call each (keras' layer keeps its state in variables)
     import keras
