@@ -2,6 +2,7 @@
 // or any collective runs), layout packing, dispatch to the CPU kernels, communication.
 #include "syncbn/ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -213,18 +214,24 @@ void local_stats(const TensorView& x, int axis, double* buf, const TensorView* m
     std::vector<uint8_t> m;
     if (mask) {
       m = dense_mask(*mask, x, axis, lay);
-      for (int64_t c = 0; c < C; ++c) {
+      // A mask of positions is the same for every channel: count channel 0's elements.
+      for (int64_t c = 0; c < (per_channel ? C : std::min<int64_t>(C, 1)); ++c) {
         int64_t k = 0, f = -1;
-        for (int64_t o = 0; o < g.outer; ++o)
-          for (int64_t i = 0; i < g.inner; ++i) {
-            const int64_t j = (o * C + c) * g.inner + i;
-            if (!m[size_t(j)]) continue;
-            if (f < 0) f = j;
-            ++k;
-          }
+        for (int64_t o = 0; o < g.outer; ++o) {
+          const uint8_t* r = m.data() + (o * C + c) * g.inner;
+          int64_t ko = 0;
+          for (int64_t i = 0; i < g.inner; ++i) ko += r[i];  // no branch: masks are data
+          if (f < 0 && ko > 0) f = (o * C + c) * g.inner + (std::find(r, r + g.inner, 1) - r);
+          k += ko;
+        }
         nc[size_t(c)] = double(k);
         first[size_t(c)] = f < 0 ? 0 : f;
       }
+      if (!per_channel)
+        for (int64_t c = 1; c < C; ++c) {
+          nc[size_t(c)] = nc[0];
+          first[size_t(c)] = first[0] + c * g.inner;
+        }
     }
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
       const T* p = static_cast<const T*>(xp);
