@@ -73,8 +73,8 @@ def _host_f64(n):
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """The fast path. ``info`` carries what the module needs back (the global count), the
-    fingerprint's layer identity and an optional ``mask`` (ForwardOptions::mask: x's shape
-    with 1 at the channel axis, x's dtype; Keras' masked statistics)."""
+    fingerprint's layer identity and an optional ``mask`` (ForwardOptions::mask: x's shape,
+    or with 1 at the channel axis; x's dtype; Keras' masked statistics)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, axis,
