@@ -353,10 +353,19 @@ NB_MODULE(_core, m) {
          nb::handle running_var, nb::handle y, nb::handle save_mean, nb::handle save_invstd,
          bool training, double momentum, double eps, int axis, syncbn::Communicator& comm,
          bool unbiased_running_var, nb::handle save_count, uintptr_t stream, int64_t layer,
-         const std::string& name, bool verify, nb::handle mask, nb::handle counts) {
+         const std::string& name, bool verify, nb::handle mask, nb::handle counts,
+         nb::handle batches) {
         Args a;
         TensorView xv = a.view(x, "x", false);
         auto mv = a.maybe(mask, "mask", false), cn = a.maybe(counts, "counts", true);
+        // batches: a counter of training steps (torch's num_batches_tracked), one int64 on
+        // the CPU, incremented once the call has succeeded - here, because a Python
+        // in-place add costs more than a small layer's kernels.
+        nb::ndarray<int64_t, nb::device::cpu> step;
+        if (!batches.is_none() && (!nb::try_cast(batches, step, false) || step.size() != 1))
+          throw syncbn::TypeError(
+              std::string("batches: expected one writable int64 on the CPU, got ") +
+              nb::type_name(batches.type()).c_str());
         auto wv = a.maybe(weight, "weight", false), bv = a.maybe(bias, "bias", false);
         // Eval only reads the running stats: read-only (e.g. memory-mapped) ones are fine.
         auto rm = a.maybe(running_mean, "running_mean", training);
@@ -377,15 +386,21 @@ NB_MODULE(_core, m) {
         opt.verify = verify;
         opt.mask = ptr(mv);
         opt.counts = ptr(cn);
-        nb::gil_scoped_release nogil;
-        return syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si,
-                               ptr(sc));
+        double n;
+        {
+          nb::gil_scoped_release nogil;
+          n = syncbn::forward(xv, ptr(wv), ptr(bv), ptr(rm), ptr(rv), opt, comm, yv, sm, si,
+                              ptr(sc));
+        }
+        if (step.is_valid()) ++step.data()[0];
+        return n;
       },
       "x"_a.none(), "weight"_a.none(), "bias"_a.none(), "running_mean"_a.none(),
       "running_var"_a.none(), "y"_a.none(), "save_mean"_a.none(), "save_invstd"_a.none(),
       "training"_a, "momentum"_a, "eps"_a, "axis"_a, "comm"_a, "unbiased_running_var"_a = true,
       "save_count"_a.none() = nb::none(), "stream"_a = 0, SYNCBN_KEY_ARGS,
-      "mask"_a.none() = nb::none(), "counts"_a.none() = nb::none());
+      "mask"_a.none() = nb::none(), "counts"_a.none() = nb::none(),
+      "batches"_a.none() = nb::none());
 
   m.def(
       "backward",

@@ -79,25 +79,35 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm, axis,
                 unbiased, info):
-        cuda = x.is_cuda
+        # Lean on purpose: a small layer's whole fwd+bwd is a few 10 us, so every Python
+        # call here shows (NumPy arrays go to the core as they are, no export call).
         C = x.shape[axis]
         y = torch.empty_like(x)
         mask = info.get("mask")
         counts = _host_f64(C) if mask is not None and mask.shape[axis] != 1 else None
-        if cuda:
+        if x.is_cuda:
             mean = torch.empty(C, dtype=torch.float64, device=x.device)
             invstd, save_count = torch.empty_like(mean), mean.new_empty(1)
-            stream = _arrays.prepare(x)
-        else:
-            mean, invstd, save_count, stream = _host_f64(C), _host_f64(C), None, 0
-        count = _core.forward(
-            _to_dlpack(x), _export(weight), _export(bias), _export(running_mean),
-            _export(running_var), _to_dlpack(y), _arrays.export(mean), _arrays.export(invstd),
-            True, momentum, eps, axis, comm, unbiased, _arrays.export(save_count), stream,
-            info["layer"], info["name"], _fn._fingerprint, _export(mask),
-            _arrays.export(counts))
-        if cuda:
+            count = _core.forward(
+                _to_dlpack(x), _export(weight), _export(bias), _export(running_mean),
+                _export(running_var), _to_dlpack(y), _to_dlpack(mean), _to_dlpack(invstd), True,
+                momentum, eps, axis, comm, unbiased, _to_dlpack(save_count), _arrays.prepare(x),
+                info["layer"], info["name"], _fn._fingerprint, _export(mask), counts)
             count = save_count
+        else:
+            mean, invstd = _host_f64(C), _host_f64(C)
+            batches = info.get("batches")  # num_batches_tracked: the core adds 1 on success
+            if batches is not None:
+                info["counted"] = True
+                batches = _to_dlpack(batches)
+            count = _core.forward(
+                _to_dlpack(x), None if weight is None else _to_dlpack(weight),
+                None if bias is None else _to_dlpack(bias),
+                None if running_mean is None else _to_dlpack(running_mean),
+                None if running_var is None else _to_dlpack(running_var), _to_dlpack(y), mean,
+                invstd, True, momentum, eps, axis, comm, unbiased, None, 0, info["layer"],
+                info["name"], _fn._fingerprint, None if mask is None else _to_dlpack(mask),
+                counts, batches)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean, invstd, count, comm, axis, info["layer"], info["name"], unbiased, eps,
                      mask, counts)
@@ -121,13 +131,19 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty_like(bias) if need_b else None
-        cuda = x.is_cuda
-        _core.backward(_to_dlpack(dy), _to_dlpack(x), _arrays.export(mean),
-                       _arrays.export(invstd), _export(weight), _export(dx), _export(dw),
-                       _export(db), True, float("nan") if cuda else count, axis, comm,
-                       _arrays.export(count) if cuda else None,
-                       _arrays.prepare(x) if cuda else 0, layer, name, _fn._fingerprint,
-                       _export(mask), _arrays.export(counts))
+        if x.is_cuda:
+            _core.backward(_to_dlpack(dy), _to_dlpack(x), _to_dlpack(mean), _to_dlpack(invstd),
+                           _export(weight), _export(dx), _export(dw), _export(db), True,
+                           float("nan"), axis, comm, _to_dlpack(count), _arrays.prepare(x),
+                           layer, name, _fn._fingerprint, _export(mask), counts)
+        else:
+            _core.backward(_to_dlpack(dy), _to_dlpack(x), mean, invstd,
+                           None if weight is None else _to_dlpack(weight),
+                           None if dx is None else _to_dlpack(dx),
+                           None if dw is None else _to_dlpack(dw),
+                           None if db is None else _to_dlpack(db), True, count, axis, comm, None,
+                           0, layer, name, _fn._fingerprint,
+                           None if mask is None else _to_dlpack(mask), counts)
         return (dx, dw, db) + (None,) * 8
 
 
@@ -166,6 +182,15 @@ def _primal(t):
     return t.detach()
 _has_storage = torch._C._has_storage  # False for the batched grads of is_grads_batched
 _forward_ad = torch.autograd.forward_ad
+
+
+def _any_transformed(x, weight, bias) -> bool:
+    """_transformed of any of the three, in one call (the eager path asks every forward)."""
+    if _is_wrapped(x) or (weight is not None and _is_wrapped(weight)) or (
+            bias is not None and _is_wrapped(bias)):
+        return True
+    return _forward_ad._current_level >= 0 and (_transformed(x) or _transformed(weight)
+                                                or _transformed(bias))
 
 
 def _transformed(t) -> bool:
@@ -280,6 +305,22 @@ def _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps
 # ---- the module ---------------------------------------------------------------------------
 
 
+_dist = torch.distributed if torch.distributed.is_available() else None
+_cpu_default = [False, None]  # (torch.distributed's WORLD group it was resolved under, comm)
+
+
+def _default_comm(x):
+    """comm.default(x), resolved again only when torch.distributed's default group changes
+    (init/destroy_process_group; MPI's answer is fixed per process) - not on every call."""
+    if x.is_cuda:
+        return _comm.default(x)  # per device; cached there
+    world = _dist.GroupMember.WORLD if _dist is not None else None
+    c = _cpu_default
+    if c[1] is None or c[0] is not world:
+        c[0], c[1] = world, _comm.default(x)
+    return c[1]
+
+
 def _is_comm(obj) -> bool:
     """A syncbn communicator, an mpi4py communicator, or a user object - not a
     torch.distributed process group."""
@@ -385,9 +426,13 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         update = self.track_running_stats
         if torch.compiler.is_compiling():
             return self._forward_compiled(input, update)
-        weight, bias = self.weight, self.bias
+        # Parameters and buffers straight from their dicts: Module.__getattr__ costs a
+        # Python call each (a parametrized one is a property, so fall back to getattr).
+        p = d["_parameters"]
+        weight = p["weight"] if "weight" in p else self.weight
+        bias = p["bias"] if "bias" in p else self.bias
         try:
-            if _transformed(input) or _transformed(weight) or _transformed(bias):
+            if _any_transformed(input, weight, bias):
                 return self._forward_composite(input, update)
             return self._forward_eager(input, weight, bias, update)
         except (ValueError, TypeError) as e:
@@ -401,11 +446,27 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         return float(self.momentum)
 
     def _forward_eager(self, input, weight, bias, update):
-        rm = self.running_mean if update else None
-        rv = self.running_var if update else None
-        comm = self._resolved.value or self.communicator(input)
+        d = self.__dict__
+        b = d["_buffers"]
+        nbt = b.get("num_batches_tracked")
+        if update:
+            rm = b["running_mean"] if "running_mean" in b else self.running_mean
+            rv = b["running_var"] if "running_var" in b else self.running_var
+            momentum = self.momentum
+            if nbt is None:
+                momentum = 0.0
+            elif momentum is None:
+                momentum = 1.0 / float(nbt + 1)
+            elif type(momentum) is not float:
+                momentum = float(momentum)
+        else:
+            rm = rv = None
+            momentum = 0.0
+        comm = d["_resolved"].value or (_default_comm(input) if self.process_group is None
+                                        and d["_comm"].value is None
+                                        else self.communicator(input))
         # Activation checkpointing: a recomputation reuses the first forward's statistics.
-        saved = self._recompute.value
+        saved = d["_recompute"].value
         if saved and _recomputing():
             for i in range(len(saved) - 1, -1, -1):
                 shape, mean, invstd, count, c = saved[i]
@@ -414,17 +475,18 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                     return _RecomputedFunction.apply(input, weight, bias, mean, invstd, count,
                                                      comm, 1, True, self.layer_id,
                                                      self.layer_name, self.eps)
-        info = {"layer": self.layer_id, "name": self.layer_name}
-        y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, self._factor(update),
-                                         self.eps, comm, 1, True, info)
-        count = info["count"]
+        step = nbt if update and nbt is not None else None
+        info = {"layer": self.layer_id, "name": self.layer_name,
+                "batches": step if step is not None and step.dtype is torch.long else None}
+        y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, momentum, self.eps, comm,
+                                         1, True, info)
         if _may_be_recomputed():
-            saved.append((input.shape, info["mean"], info["invstd"], count, comm))
+            saved.append((input.shape, info["mean"], info["invstd"], info["count"], comm))
         # Only after a successful call (a failed one leaves every buffer as it was); an
         # all-empty step counts, as in torch's BatchNorm and SyncBatchNorm (its running
-        # stats stay as they were).
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        # stats stay as they were). On the CPU the core has counted it already.
+        if step is not None and "counted" not in info:
+            step.add_(1)
         return y
 
     def _forward_composite(self, input, update):
