@@ -4,6 +4,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 
+#include <array>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -44,22 +45,25 @@ TensorView to_view(const A& a, const char* name, bool read_only) {
 
 // Imports arguments and keeps them alive for the duration of one call.
 struct Args {
-  std::vector<nb::ndarray<>> writable_held;
-  std::vector<Array> read_held;
+  // Fixed slots, no heap: a small layer's whole call is a few microseconds (no call
+  // takes more than 12 arrays).
+  std::array<nb::ndarray<>, 12> writable_held;
+  std::array<Array, 12> read_held;
+  size_t n_writable = 0, n_read = 0;
 
   TensorView view(nb::handle obj, const char* name, bool writable) {
     // convert=false: an output must be the caller's memory, never a converted copy.
     nb::ndarray<> w;
     if (writable && nb::try_cast(obj, w, false)) {
-      writable_held.push_back(w);
-      return to_view(w, name, false);
+      nb::ndarray<>& held = writable_held.at(n_writable++) = std::move(w);
+      return to_view(held, name, false);
     }
     Array ro;
     if (nb::try_cast(obj, ro, false)) {
-      read_held.push_back(ro);
+      Array& held = read_held.at(n_read++) = std::move(ro);
       // Only a read-only array fails the writable import and passes this one; the core
       // then names the argument in its error.
-      return to_view(ro, name, writable);
+      return to_view(held, name, writable);
     }
     throw syncbn::TypeError(std::string(name) +
                             ": expected an array supporting DLPack or the buffer protocol, got " +

@@ -67,8 +67,9 @@ def _export(t):
     return None if t is None else _to_dlpack(t)
 
 
-def _host_f64(n):
-    return np.empty(n, dtype=np.float64)
+_host_f64 = np.empty  # float64 by default
+_grad_enabled = torch.is_grad_enabled
+_NONE8 = (None,) * 8  # the gradients of the non-tensor arguments
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -119,7 +120,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         mean, invstd, count, comm, axis, layer, name, unbiased, eps, mask, counts = ctx.stats
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or _transformed(dy) or not _has_storage(dy):
+        if _grad_enabled() or _is_wrapped(dy) or not _has_storage(dy) or (
+                _forward_ad._current_level >= 0 and _transformed(dy)):
             if mask is not None:
                 raise NotImplementedError(
                     "mask: masked statistics have no double backward or batched gradients "
@@ -127,7 +129,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # A graph of the gradients is wanted (double backward) or dy is batched
             # (is_grads_batched): differentiate the composition of torch ops instead.
             return _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps,
-                                    (need_dx, need_w, need_b)) + (None,) * 8
+                                    (need_dx, need_w, need_b)) + _NONE8
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty_like(bias) if need_b else None
@@ -144,7 +146,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                            None if db is None else _to_dlpack(db), True, count, axis, comm, None,
                            0, layer, name, _fn._fingerprint,
                            None if mask is None else _to_dlpack(mask), counts)
-        return (dx, dw, db) + (None,) * 8
+        return (dx, dw, db) + _NONE8
 
 
 class _RecomputedFunction(torch.autograd.Function):
@@ -306,6 +308,7 @@ def _composite_grads(dy, x, weight, bias, comm, axis, layer, name, unbiased, eps
 
 
 _dist = torch.distributed if torch.distributed.is_available() else None
+_cudnn = torch.backends.cudnn
 _cpu_default = [False, None]  # (torch.distributed's WORLD group it was resolved under, comm)
 
 
@@ -416,21 +419,26 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             self._check_channels(input)
         if not input.is_floating_point():
             self._check_channels(input)
+        # Parameters and buffers straight from their dicts: Module.__getattr__ costs a
+        # Python call each (a parametrized one is a property, so fall back to getattr).
+        p = d["_parameters"]
+        weight = p["weight"] if "weight" in p else self.weight
+        bias = p["bias"] if "bias" in p else self.bias
         if not self.training:  # eval: no synchronization; torch's own batch norm
-            rm, rv = self.running_mean, self.running_var
-            return F.batch_norm(input, rm, rv, self.weight, self.bias,
-                                rm is None and rv is None, 0.0, self.eps)
+            b = d["_buffers"]
+            rm = b["running_mean"] if "running_mean" in b else self.running_mean
+            rv = b["running_var"] if "running_var" in b else self.running_var
+            if rm is None or rv is None or not self.eps >= 0:  # F.batch_norm's checks
+                return F.batch_norm(input, rm, rv, weight, bias, rm is None and rv is None,
+                                    0.0, self.eps)
+            return torch.batch_norm(input, weight, bias, rm, rv, False, 0.0, self.eps,
+                                    _cudnn.enabled)
         if self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got "
                              f"{self.eps}")
         update = self.track_running_stats
         if torch.compiler.is_compiling():
             return self._forward_compiled(input, update)
-        # Parameters and buffers straight from their dicts: Module.__getattr__ costs a
-        # Python call each (a parametrized one is a property, so fall back to getattr).
-        p = d["_parameters"]
-        weight = p["weight"] if "weight" in p else self.weight
-        bias = p["bias"] if "bias" in p else self.bias
         try:
             if _any_transformed(input, weight, bias):
                 return self._forward_composite(input, update)
