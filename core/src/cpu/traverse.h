@@ -136,17 +136,19 @@ inline V second(const T1* x1, int64_t i, V v0) {
 }
 
 // Rows mode reductions: rows [b, e) cut in chunks of about kChunk elements (16 rows at
-// least); in each chunk the row positions j go in tiles: wide(j, o0, o1) for 16
-// positions, narrow(...) for 4, one(...) for the rest, each running down the chunk's rows.
+// least); in each chunk the row positions j in [jb, je) go in tiles: wide(j, o0, o1) for
+// 16 positions, narrow(...) for 4, one(...) for the rest, each running down the chunk's
+// rows.
 template <class A, class B, class D>
-inline void for_each_chunk(int64_t L, int64_t b, int64_t e, A&& wide, B&& narrow, D&& one) {
+inline void for_each_chunk(int64_t L, int64_t b, int64_t e, int64_t jb, int64_t je, A&& wide,
+                           B&& narrow, D&& one) {
   const int64_t rows = std::max<int64_t>(16, kChunk / L);
   for (int64_t o0 = b; o0 < e; o0 += rows) {
     const int64_t o1 = std::min(e, o0 + rows);
-    int64_t j = 0;
-    for (; j + 16 <= L; j += 16) wide(j, o0, o1);
-    for (; j + 4 <= L; j += 4) narrow(j, o0, o1);
-    for (; j < L; ++j) one(j, o0, o1);
+    int64_t j = jb;
+    for (; j + 16 <= je; j += 16) wide(j, o0, o1);
+    for (; j + 4 <= je; j += 4) narrow(j, o0, o1);
+    for (; j < je; ++j) one(j, o0, o1);
   }
 }
 
@@ -180,12 +182,17 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
   const int nt_req = threads_for(O * C * I);
   const bool runs = I >= kRunMin;
   const int64_t L = runs ? C : C * I;  // partial sums per thread, for a and for b
+  // Rows mode splits the row positions among the threads where the row is long enough
+  // (NCHW 3x3 has as few rows as the batch): each sums its own positions over every row,
+  // into one shared array, no partial sums to add up.
+  const bool by_positions = !runs && L >= 32 * nt_req;
+  const int parts = by_positions ? 1 : nt_req;
   const int64_t stride = padded(L);
-  double* part = scratch(0, size_t(nt_req) * 2 * size_t(stride));
-  std::fill(part, part + size_t(nt_req) * 2 * size_t(stride), 0.0);
+  double* part = scratch(0, size_t(parts) * 2 * size_t(stride));
+  std::fill(part, part + size_t(parts) * 2 * size_t(stride), 0.0);
   const double* prow = runs || I == 1 ? param : expand_to_row(1, param, C, I);
   parallel(nt_req, [&](int t, int nt) {
-    double* pa = part + size_t(t) * 2 * size_t(stride);
+    double* pa = part + (by_positions ? 0 : size_t(t) * 2 * size_t(stride));
     double* pb = pa + stride;
     run_isa([&] {
       if (runs) {
@@ -210,27 +217,32 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
           pb[c] += q;
         });
       } else {
-        int64_t b, e;
-        split(O, t, nt, &b, &e);
+        int64_t b = 0, e = O, jb = 0, je = L;
+        if (by_positions) {  // whole tiles of 16 each; the last thread also takes the rest
+          split(L / 16, t, nt, &jb, &je);
+          jb *= 16, je = t == nt - 1 ? L : je * 16;
+        } else {
+          split(O, t, nt, &b, &e);
+        }
         const double* pr = prow;
         for_each_chunk(
-            C * I, b, e,
+            L, b, e, jb, je,
             [&](int64_t j, int64_t o0, int64_t o1) {
-              reduce_tile<4>(x0, x1, pr, C * I, j, o0, o1, pa, pb, f);
+              reduce_tile<4>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
             },
             [&](int64_t j, int64_t o0, int64_t o1) {
-              reduce_tile<1>(x0, x1, pr, C * I, j, o0, o1, pa, pb, f);
+              reduce_tile<1>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
             },
             [&](int64_t j, int64_t o0, int64_t o1) {
               for (int64_t o = o0; o < o1; ++o) {
-                const double v = load<double>(x0 + o * C * I + j);
-                f(v, second(x1, o * C * I + j, v), pr[j], pa[j], pb[j]);
+                const double v = load<double>(x0 + o * L + j);
+                f(v, second(x1, o * L + j, v), pr[j], pa[j], pb[j]);
               }
             });
       }
     });
   });
-  for (int t = 0; t < nt_req; ++t) {
+  for (int t = 0; t < parts; ++t) {
     const double* pa = part + size_t(t) * 2 * size_t(stride);
     for (int64_t j = 0; j < L; ++j) {
       out_a[runs ? j : j / I] += pa[j];
