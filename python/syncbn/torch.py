@@ -488,7 +488,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 "batches": step if step is not None and step.dtype is torch.long else None}
         y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, momentum, self.eps, comm,
                                          1, True, info)
-        if _may_be_recomputed():
+        if not _grad_enabled() or (_top_hooks(True) and _may_be_recomputed()):
             saved.append((input.shape, info["mean"], info["invstd"], info["count"], comm))
         # Only after a successful call (a failed one leaves every buffer as it was); an
         # all-empty step counts, as in torch's BatchNorm and SyncBatchNorm (its running
@@ -588,8 +588,11 @@ def _may_be_recomputed() -> bool:
     return not torch.is_grad_enabled() or "_checkpoint_hook" in _top_pack_hook()
 
 
+_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
 def _top_pack_hook() -> str:
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    hooks = _top_hooks(True)
     return getattr(hooks[0], "__qualname__", "") if hooks else ""
 
 
