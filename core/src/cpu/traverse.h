@@ -184,10 +184,11 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
   // same rule in map_channels).
   const int nt_req = threads_for(I == 1 ? 2 * O * C * I : O * C * I);
   const int64_t L = runs ? C : C * I;  // partial sums per thread, for a and for b
-  // Rows mode splits the row positions among the threads where the row is long enough
+  // Rows mode splits the row positions among the threads where rows are few and long
   // (NCHW 3x3 has as few rows as the batch): each sums its own positions over every row,
-  // into one shared array, no partial sums to add up.
-  const bool by_positions = !runs && L >= 32 * nt_req;
+  // into one shared array, no partial sums to add up. Many rows split by rows: each
+  // thread then streams its own memory (by positions both read every cache line).
+  const bool by_positions = !runs && O < 16 * nt_req && L >= 32 * nt_req;
   const int parts = by_positions ? 1 : nt_req;
   const int64_t stride = padded(L);
   double* part = scratch(0, size_t(parts) * 2 * size_t(stride));
