@@ -92,8 +92,9 @@ def test_any_rank_and_channel_axis_matches_reference(shape, axis, dtype):
 
 @pytest.mark.parametrize("shape, axis", [((8, 32, 32, 16), 1), ((8, 16, 32, 32), -1),
                                          ((3, 5, 20000), 1), ((4096, 23, 5), 1),
-                                         ((16, 12, 12, 100), -1)],
-                         ids=["nchw", "nhwc", "long-run", "short-runs", "nhwc-wide"])
+                                         ((16, 12, 12, 100), -1), ((8, 1001, 3, 3), 1)],
+                         ids=["nchw", "nhwc", "long-run", "short-runs", "nhwc-wide",
+                              "few-long-rows"])
 def test_large_inputs_split_over_threads_match_reference(shape, axis):
     r = rng(3)
     x = r.standard_normal(shape) * 3 - 1
