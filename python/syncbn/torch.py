@@ -485,7 +485,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                      self.layer_name, self.eps)
         step = nbt if update and nbt is not None else None
         info = {"layer": self.layer_id, "name": self.layer_name,
-                "batches": step if step is not None and step.dtype is torch.long else None}
+                "batches": step if step is not None and step.dtype is torch.long
+                and not step.is_cuda else None}
         y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, momentum, self.eps, comm,
                                          1, True, info)
         if not _grad_enabled() or (_top_hooks(True) and _may_be_recomputed()):
