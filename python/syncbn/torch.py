@@ -312,6 +312,16 @@ _cudnn = torch.backends.cudnn
 _cpu_default = [False, None]  # (torch.distributed's WORLD group it was resolved under, comm)
 
 
+def _momentum(momentum, nbt):
+    """The running statistics' factor of a training step that updates them: none without a
+    counter, the cumulative average (1 / (n + 1)) for momentum=None, else momentum."""
+    if nbt is None:
+        return 0.0
+    if momentum is None:
+        return 1.0 / float(nbt + 1)
+    return momentum if type(momentum) is float else float(momentum)
+
+
 def _default_comm(x):
     """comm.default(x), resolved again only when torch.distributed's default group changes
     (init/destroy_process_group; MPI's answer is fixed per process) - not on every call."""
@@ -446,13 +456,6 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         except (ValueError, TypeError) as e:
             raise _as_torch_error(e) from None
 
-    def _factor(self, update):
-        if not update or self.num_batches_tracked is None:
-            return 0.0
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked + 1)
-        return float(self.momentum)
-
     def _forward_eager(self, input, weight, bias, update):
         d = self.__dict__
         b = d["_buffers"]
@@ -460,13 +463,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if update:
             rm = b["running_mean"] if "running_mean" in b else self.running_mean
             rv = b["running_var"] if "running_var" in b else self.running_var
-            momentum = self.momentum
-            if nbt is None:
-                momentum = 0.0
-            elif momentum is None:
-                momentum = 1.0 / float(nbt + 1)
-            elif type(momentum) is not float:
-                momentum = float(momentum)
+            momentum = _momentum(self.momentum, nbt)
         else:
             rm = rv = None
             momentum = 0.0
@@ -503,7 +500,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         y, _ = _composite(input, self.weight, self.bias, comm, 1, self.layer_id,
                           self.layer_name, self.eps, True,
                           self.running_mean if update else None,
-                          self.running_var if update else None, self._factor(update))
+                          self.running_var if update else None,
+                          _momentum(self.momentum, self.num_batches_tracked) if update else 0.0)
         if update and self.num_batches_tracked is not None:
             with torch.no_grad(), torch._C._DisableFuncTorch():  # a captured buffer
                 self.num_batches_tracked.add_(1)
