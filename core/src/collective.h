@@ -88,6 +88,9 @@ struct Fingerprint {
 Fingerprint next_fingerprint(CollectiveOp op, int64_t channels, int axis, const CollectiveKey& key,
                              Communicator* comm);
 
+// True when none of p[0 .. n) is inf or NaN.
+bool all_finite(const double* p, int64_t n);
+
 // Writes fp's slots behind a host buffer's payload and count (buf[2C + 1 ...]), with the
 // non-finite flag taken from buf[0 .. 2C).
 void write_fingerprint(const Fingerprint& fp, double* buf);

@@ -284,7 +284,7 @@ double gather(const double* buf, int64_t C, double momentum, double eps, bool un
               double* invstd, double* var_b, const double* counts = nullptr) {
   const double N = C > 0 ? buf[2 * C] : 0.0;
   if (N == 0) return 0;
-  for (int64_t c = 0; c < C; ++c)
+  for (int64_t c = 0; c < (counts ? C : 1); ++c)
     if ((counts ? counts[c] : N) == 1)
       fail(
           "x: expected more than 1 value per channel when training, got a global batch of 1 "
@@ -292,21 +292,38 @@ double gather(const double* buf, int64_t C, double momentum, double eps, bool un
           counts ? detail::cat(" in channel ", c, " (counted by the mask)") : " per channel",
           " (all ranks together)");
   Vec m2(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    const double n = counts ? counts[c] : N;
-    const GlobalMoments gm = n > 0 ? finalize_moments(buf[c], buf[C + c], n) : GlobalMoments{};
-    mean[c] = gm.mean;
-    invstd[c] = invstd_of(gm.var_biased, eps);
-    if (var_b) var_b[c] = gm.var_biased;
-    m2[size_t(c)] = gm.m2;
+  if (!counts) {  // one count for all: a branch-free loop (it vectorizes)
+    for (int64_t c = 0; c < C; ++c) {
+      const GlobalMoments gm = finalize_moments(buf[c], buf[C + c], N);
+      mean[c] = gm.mean;
+      invstd[c] = invstd_of(gm.var_biased, eps);
+      m2[size_t(c)] = gm.m2;
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const double n = counts[c];
+      const GlobalMoments gm = n > 0 ? finalize_moments(buf[c], buf[C + c], n) : GlobalMoments{};
+      mean[c] = gm.mean;
+      invstd[c] = invstd_of(gm.var_biased, eps);
+      m2[size_t(c)] = gm.m2;
+    }
   }
+  if (var_b)
+    for (int64_t c = 0; c < C; ++c) {
+      const double n = counts ? counts[c] : N;
+      var_b[c] = n > 0 ? m2[size_t(c)] / n : 0.0;
+    }
+  // In place, element by element (the running statistics may be float32 or strided).
   auto update = [&](const TensorView* t, auto batch_value) {
     if (!t) return;
-    Vec r = read_vec(*t);
-    for (int64_t c = 0; c < C; ++c)
-      if (!counts || counts[c] > 0)
-        r[size_t(c)] = (1 - momentum) * r[size_t(c)] + momentum * batch_value(c);
-    write_vec(*t, r.data());
+    SYNCBN_DISPATCH_FLOATING(t->dtype, T, {
+      T* p = static_cast<T*>(t->data);
+      const int64_t s = t->strides[0];
+      for (int64_t c = 0; c < C; ++c)
+        if (!counts || counts[c] > 0)
+          store<double>(p + c * s,
+                        (1 - momentum) * load<double>(p + c * s) + momentum * batch_value(c));
+    });
   };
   update(running_mean, [&](int64_t c) { return mean[c]; });
   update(running_var, [&](int64_t c) {

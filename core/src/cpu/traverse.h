@@ -102,15 +102,20 @@ inline void for_each_block(const Geometry& g, int t, int nt, Fn&& fn) {
 // Scratch of the calling thread, kept between calls: slot k holds n doubles (contents
 // unspecified). Fresh vectors of a few 10 KB per call cost more than small kernels: glibc
 // returns the freed top of the heap to the system and faults the pages in again.
-inline double* scratch(int slot, size_t n) {
-  thread_local std::vector<double> s[5];
-  if (s[slot].size() < n) s[slot].resize(n);
-  return s[slot].data();
+// Slots 0-4 are the traversals' own; 5 is the kernels' (float32 parameters).
+template <class P = double>
+inline P* scratch(int slot, size_t n) {
+  static_assert(sizeof(P) <= sizeof(double) && alignof(P) <= alignof(double));
+  thread_local std::vector<double> s[6];
+  const size_t words = (n * sizeof(P) + sizeof(double) - 1) / sizeof(double);
+  if (s[slot].size() < words) s[slot].resize(words);
+  return reinterpret_cast<P*>(s[slot].data());
 }
 
 // p[c] repeated `inner` times per channel, in scratch slot `slot`.
-inline const double* expand_to_row(int slot, const double* p, int64_t C, int64_t inner) {
-  double* r = scratch(slot, size_t(C * inner));
+template <class P>
+inline const P* expand_to_row(int slot, const P* p, int64_t C, int64_t inner) {
+  P* r = scratch<P>(slot, size_t(C * inner));
   for (int64_t c = 0; c < C; ++c)
     for (int64_t i = 0; i < inner; ++i) r[c * inner + i] = p[c];
   return r;
@@ -255,10 +260,11 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
 }
 
 // Element-wise: y = f(v0, v1, p0, p1, p2, p3) with v0 from x0, v1 from x1 (or x0 when
-// null) as double and four per-channel parameters.
-template <class T, class F>
-void map_channels(const Geometry& g, const T* x0, const T* x1, T* y, const double* p0,
-                  const double* p1, const double* p2, const double* p3, F f) {
+// null) and four per-channel parameters, all in the parameters' type P (double; float
+// where a float32 kernel has made its math safe in float: 8 lanes instead of 4).
+template <class T, class P, class F>
+void map_channels(const Geometry& g, const T* x0, const T* x1, T* y, const P* p0, const P* p1,
+                  const P* p2, const P* p3, F f) {
   const int64_t C = g.channels, I = g.inner, O = g.outer;
   if (!x1) x1 = x0;
   const bool runs = I >= kRunMin;
@@ -266,7 +272,7 @@ void map_channels(const Geometry& g, const T* x0, const T* x1, T* y, const doubl
   // the other thread's cache (1.6x on ResNet-18's channels_last (8, 512, 3, 3) maps; with
   // expanded rows, NCHW 3x3, it was 2x slower).
   const int nt_req = threads_for(runs || I == 1 ? 2 * O * C * I : O * C * I);
-  const double* q[4] = {p0, p1, p2, p3};
+  const P* q[4] = {p0, p1, p2, p3};
   if (!runs && I > 1) {
     q[0] = expand_to_row(1, p0, C, I), q[1] = expand_to_row(2, p1, C, I);
     q[2] = expand_to_row(3, p2, C, I), q[3] = expand_to_row(4, p3, C, I);
@@ -278,23 +284,22 @@ void map_channels(const Geometry& g, const T* x0, const T* x1, T* y, const doubl
           const T* __restrict a0 = x0 + off;
           const T* __restrict a1 = x1 + off;
           T* __restrict out = y + off;
-          const double q0 = p0[c], q1 = p1[c], q2 = p2[c], q3 = p3[c];
+          const P q0 = p0[c], q1 = p1[c], q2 = p2[c], q3 = p3[c];
           for (int64_t i = 0; i < n; ++i)
-            store<double>(out + i, f(load<double>(a0 + i), load<double>(a1 + i), q0, q1, q2, q3));
+            store<P>(out + i, f(load<P>(a0 + i), load<P>(a1 + i), q0, q1, q2, q3));
         });
       } else {
         int64_t b, e;
         split(O, t, nt, &b, &e);
         const int64_t row = C * I;
-        const double* __restrict q0 = q[0], * __restrict q1 = q[1];
-        const double* __restrict q2 = q[2], * __restrict q3 = q[3];
+        const P* __restrict q0 = q[0], * __restrict q1 = q[1];
+        const P* __restrict q2 = q[2], * __restrict q3 = q[3];
         for (int64_t o = b; o < e; ++o) {
           const T* __restrict a0 = x0 + o * row;
           const T* __restrict a1 = x1 + o * row;
           T* __restrict out = y + o * row;
           for (int64_t j = 0; j < row; ++j)
-            store<double>(
-                out + j, f(load<double>(a0 + j), load<double>(a1 + j), q0[j], q1[j], q2[j], q3[j]));
+            store<P>(out + j, f(load<P>(a0 + j), load<P>(a1 + j), q0[j], q1[j], q2[j], q3[j]));
         }
       }
     });
