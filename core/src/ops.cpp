@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "collective.h"
@@ -18,7 +19,28 @@
 namespace syncbn {
 namespace {
 
-using Vec = std::vector<double>;
+// Per-channel temporaries. Vec(n) leaves its doubles uninitialized (each is written
+// before it is read; Vec(n, v) still fills): zeroing the ~20 of a fwd+bwd was the largest
+// host cost besides the kernels at C = 512.
+template <class T>
+struct UninitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <class U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+using Vec = std::vector<double, UninitAllocator<double>>;
 
 // ---- validation --------------------------------------------------------------------
 
@@ -202,17 +224,19 @@ void local_stats(const TensorView& x, int axis, double* buf, const TensorView* m
                  bool per_channel = false) {
   const int64_t C = x.shape[axis];
   const int64_t n = count_per_channel(x, axis);
-  Vec t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0),
-      shift(static_cast<size_t>(C), 0.0), nc(static_cast<size_t>(C), static_cast<double>(n));
+  // t1, t2: the kernel's sums (zero when there is nothing to sum).
+  Vec t1(static_cast<size_t>(C)), t2(static_cast<size_t>(C)), shift(static_cast<size_t>(C), 0.0),
+      nc(static_cast<size_t>(C), static_cast<double>(n));
+  if (n == 0) std::fill(t1.begin(), t1.end(), 0.0), std::fill(t2.begin(), t2.end(), 0.0);
   if (n > 0) {
     HostLayout lay(x, axis);
     const Geometry& g = lay.geometry();
     const void* xp = lay.input(x);
-    std::vector<int64_t> first(static_cast<size_t>(C));  // each channel's first counted element
-    for (int64_t c = 0; c < C; ++c) first[size_t(c)] = c * g.inner;
+    std::vector<int64_t> first;  // with a mask: each channel's first counted element
     std::vector<char> selected;
     std::vector<uint8_t> m;
     if (mask) {
+      first.resize(size_t(C));
       m = dense_mask(*mask, x, axis, lay);
       // A mask of positions is the same for every channel: count channel 0's elements.
       for (int64_t c = 0; c < (per_channel ? C : std::min<int64_t>(C, 1)); ++c) {
@@ -235,8 +259,13 @@ void local_stats(const TensorView& x, int axis, double* buf, const TensorView* m
     }
     SYNCBN_DISPATCH_FLOATING(x.dtype, T, {
       const T* p = static_cast<const T*>(xp);
-      for (int64_t c = 0; c < C; ++c)
-        if (nc[size_t(c)] > 0) shift[size_t(c)] = moment_shift(load<double>(p + first[size_t(c)]));
+      if (!mask)  // every channel counts its first element, c * inner
+        for (int64_t c = 0; c < C; ++c)
+          shift[size_t(c)] = moment_shift(load<double>(p + c * g.inner));
+      else
+        for (int64_t c = 0; c < C; ++c)
+          if (nc[size_t(c)] > 0)
+            shift[size_t(c)] = moment_shift(load<double>(p + first[size_t(c)]));
     });
     if (mask) {
       selected.resize(size_t(x.numel()) * size_t(dtype_size(x.dtype)));
@@ -245,14 +274,21 @@ void local_stats(const TensorView& x, int axis, double* buf, const TensorView* m
     }
     cpu::batch_norm_stats(xp, x.dtype, g, shift.data(), t1.data(), t2.data());
   }
+  if (!per_channel) {  // one count for every channel
+    const double k = C > 0 ? nc[0] : 0.0;
+    for (int64_t c = 0; c < C; ++c)
+      pack_local_moments(k, shift[size_t(c)], t1[size_t(c)], t2[size_t(c)], &buf[c], &buf[C + c]);
+    buf[2 * C] = k;
+    return;
+  }
   double total = 0;
   for (int64_t c = 0; c < C; ++c) {
     pack_local_moments(nc[size_t(c)], shift[size_t(c)], t1[size_t(c)], t2[size_t(c)], &buf[c],
                        &buf[C + c]);
     total += nc[size_t(c)];
-    if (per_channel) buf[stats_buffer_size(C) + c] = nc[size_t(c)];
+    buf[stats_buffer_size(C) + c] = nc[size_t(c)];
   }
-  buf[2 * C] = per_channel ? total : (C > 0 ? nc[0] : 0.0);
+  buf[2 * C] = total;
 }
 
 // The reduced per-channel counts behind a per-channel mask's buffer: whole numbers, at
@@ -352,9 +388,11 @@ void elemt(const TensorView& x, int axis, const double* mean, const double* invs
 void backward_reduce(const TensorView& dy, const TensorView& x, int axis, const double* mean,
                      double* sum_dy, double* sum_dy_xmu) {
   const int64_t C = x.shape[axis];
-  std::fill(sum_dy, sum_dy + C, 0.0);
-  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
-  if (x.numel() == 0) return;
+  if (x.numel() == 0) {
+    std::fill(sum_dy, sum_dy + C, 0.0);
+    std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+    return;
+  }
   HostLayout lay(x, axis);
   const void* xp = lay.input(x);
   const void* dyp = lay.input(dy);
@@ -372,14 +410,13 @@ void backward_elemt(const TensorView& dy, const TensorView& x, int axis, const d
                     const double* counts = nullptr) {
   const int64_t C = x.shape[axis];
   if (x.numel() == 0) return;
-  Vec mdy(static_cast<size_t>(C), 0.0), k(static_cast<size_t>(C), 0.0),
-      gain(static_cast<size_t>(C));
+  Vec mdy(static_cast<size_t>(C)), k(static_cast<size_t>(C)), gain(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
     const double n = counts ? counts[c] : count;
-    if (sums && n > 0) {  // n = 0: a channel masked out everywhere had constant statistics
-      mdy[size_t(c)] = sums[c] / n;
-      k[size_t(c)] = invstd[c] * invstd[c] * (sums[C + c] / n);
-    }
+    // n = 0: a channel masked out everywhere had constant statistics.
+    const bool with = sums && n > 0;
+    mdy[size_t(c)] = with ? sums[c] / n : 0.0;
+    k[size_t(c)] = with ? invstd[c] * invstd[c] * (sums[C + c] / n) : 0.0;
     gain[size_t(c)] = invstd[c] * (weight ? weight[c] : 1.0);
   }
   HostLayout lay(x, axis);
@@ -707,7 +744,7 @@ void backward(const TensorView& dy, const TensorView& x, const TensorView& save_
     fail("count: expected the global count per channel from forward, got ", opt.count);
 
   const Vec m = read_vec(save_mean), s = read_vec(save_invstd);
-  Vec sums(static_cast<size_t>(backward_buffer_size(C)), 0.0);
+  Vec sums(static_cast<size_t>(backward_buffer_size(C)));  // written where it is used
   if (grad_weight || grad_bias || sync)
     backward_reduce(dy, x, axis, m.data(), sums.data(), sums.data() + C);
   // This rank's parameter gradients, from the local sums; written after the checks.
