@@ -227,7 +227,10 @@ def resnet18_layers(reps, syncbn, torch) -> dict:
 
 def resnet18_steps(reps, syncbn, torch) -> dict:
     """A whole training step (forward, backward, SGD) and an eval pass of torchvision's
-    ResNet-18 at batch 8, 96 px, converted against plain, NCHW and channels_last."""
+    ResNet-18 at batch 8, 96 px, converted against plain, NCHW and channels_last. A third
+    contender, a deep copy of the plain model (torch's BatchNorm2d too), is the control:
+    copy/torch shows how far two identical models differ in this run (memory placement,
+    drift), the noise floor of the syncbn/torch ratio."""
     import copy
 
     import torchvision
@@ -238,11 +241,12 @@ def resnet18_steps(reps, syncbn, torch) -> dict:
         torch.manual_seed(0)
         plain = torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)
         conv = syncbn.torch.convert_sync_batchnorm(copy.deepcopy(plain))
+        twin = copy.deepcopy(plain)
         g = torch.Generator().manual_seed(2)
         x = torch.randn(8, 3, 96, 96, generator=g).contiguous(memory_format=fmt)
         target = torch.randint(0, 10, (8,), generator=g)
         opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in
-                (("syncbn", conv), ("torch", plain))}
+                (("syncbn", conv), ("torch", plain), ("torch copy", twin))}
 
         def step(name, m, x=x, target=target, opts=opts):
             def f():
@@ -261,13 +265,14 @@ def resnet18_steps(reps, syncbn, torch) -> dict:
 
         res = {}
         for mode, make in (("train step", step), ("eval pass", None)):
-            fns = ({"syncbn": step("syncbn", conv), "torch": step("torch", plain)}
-                   if make else {"syncbn": evaluate(conv), "torch": evaluate(plain)})
+            models = {"syncbn": conv, "torch": plain, "torch copy": twin}
+            fns = {k: step(k, m) if make else evaluate(m) for k, m in models.items()}
             t, r = measure(fns, reps)
             res[mode] = {"syncbn_ms": r["syncbn"]["median_s"] * 1e3,
                          "torch_ms": r["torch"]["median_s"] * 1e3,
                          "ratio": r["syncbn"]["median_s"] / r["torch"]["median_s"],
-                         "ratio_paired": paired_ratio(t, "syncbn", "torch")}
+                         "ratio_paired": paired_ratio(t, "syncbn", "torch"),
+                         "control_ratio_paired": paired_ratio(t, "torch copy", "torch")}
         out[fmt_name] = res
     return out
 
@@ -286,7 +291,8 @@ def report_resnet18(layers, steps):
     for fmt, r in steps.items():
         for mode, d in r.items():
             print(f"    {fmt:13s} {mode:10s} {d['syncbn_ms']:8.1f} vs {d['torch_ms']:8.1f}"
-                  f"  ratio {d['ratio']:.3f} (paired {d['ratio_paired']:.3f})")
+                  f"  ratio {d['ratio']:.3f} (paired {d['ratio_paired']:.3f}; control: torch"
+                  f" copy/torch {d['control_ratio_paired']:.3f})")
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -333,7 +339,7 @@ def main() -> int:
     if args.resnet18:
         with Contention() as load:
             layers = resnet18_layers(reps, syncbn, torch)
-            steps = resnet18_steps(max(5, reps // 3), syncbn, torch)
+            steps = resnet18_steps(max(5, reps // 2), syncbn, torch)
         report_resnet18(layers, steps)
         print(f"  during the section: {load}")
         meta["wall_s"] = time.perf_counter() - t_start
