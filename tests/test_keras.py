@@ -352,3 +352,23 @@ def test_masked_training_equals_keras_batchnormalization(axis):
             np.testing.assert_array_equal(got[counts == 0], 0.0 if what == "mean" else 1.0)
             got, want = got[counts > 0], want[counts > 0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=what)
+
+
+def test_training_with_every_position_masked_out_uses_mean_0_and_variance_0():
+    """No counted element anywhere: the statistics are mean 0, variance 0 (y = x /
+    sqrt(eps) * gamma + beta) and the moving statistics stay as they were. A training call
+    on unmasked data first leaves the heap full of nonzero per-channel values, so the
+    all-masked call cannot pass on memory that happens to be zero."""
+    rng = np.random.default_rng(5)
+    layer = SyncBatchNormalization(axis=-1, momentum=0.5)
+    x = torch.tensor((rng.standard_normal((4, 5, 8)) * 3 + 7).astype("float32"))
+    layer(x, training=True)  # builds; its statistics are far from 0
+    layer.gamma.assign(rng.uniform(0.5, 1.5, 8).astype("float32"))
+    layer.beta.assign(rng.uniform(1.0, 2.0, 8).astype("float32"))
+    layer(x, training=True)
+    before = (np_(layer.moving_mean).copy(), np_(layer.moving_variance).copy())
+    y = layer(x, training=True, mask=torch.zeros(4, 5, dtype=torch.bool))
+    gamma, beta = np_(layer.gamma), np_(layer.beta)
+    np.testing.assert_allclose(np_(y), np_(x) / np.sqrt(1e-3) * gamma + beta, rtol=1e-5)
+    np.testing.assert_array_equal(np_(layer.moving_mean), before[0])
+    np.testing.assert_array_equal(np_(layer.moving_variance), before[1])

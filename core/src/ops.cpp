@@ -696,7 +696,8 @@ double forward(const TensorView& x, const TensorView* weight, const TensorView* 
     if (per_channel) write_vec(*opt.counts, counts);
     if (count == 0 && (!mask || x.numel() == 0)) return 0;
     if (count == 0)  // every position masked out on every rank: mean 0, variance 0
-      for (int64_t c = 0; c < C; ++c) invstd[size_t(c)] = invstd_of(0.0, opt.eps);
+      for (int64_t c = 0; c < C; ++c)
+        mean[size_t(c)] = 0.0, invstd[size_t(c)] = invstd_of(0.0, opt.eps);
   } else {
     mean = read_vec(*running_mean);
     const Vec rv = read_vec(*running_var);
