@@ -102,7 +102,8 @@ inline void for_each_block(const Geometry& g, int t, int nt, Fn&& fn) {
 // Scratch of the calling thread, kept between calls: slot k holds n doubles (contents
 // unspecified). Fresh vectors of a few 10 KB per call cost more than small kernels: glibc
 // returns the freed top of the heap to the system and faults the pages in again.
-// Slots 0-4 are the traversals' own; 5 is the kernels' (float32 parameters).
+// Slots 0-4 are the traversals' own, 5 the kernels' (float32 parameters); each parameter
+// type has its own set.
 template <class P = double>
 inline P* scratch(int slot, size_t n) {
   static_assert(sizeof(P) <= sizeof(double) && alignof(P) <= alignof(double));
