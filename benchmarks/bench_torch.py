@@ -11,7 +11,8 @@ What it measures (float32, training mode, affine, running stats tracked, single 
       torch    torch.nn.BatchNorm2d(64), the same way;
       core     syncbn.batch_norm_forward/backward on the same torch tensors (functional
                API, no module, no autograd): what the adapter wraps.
-    Contenders are interleaved (order rotated every repetition), medians over repetitions.
+    Contenders are interleaved (balanced orders, see bench_cpu.interleaved), medians over
+    repetitions.
     The adapter's overhead over the core is adapter / core - 1 (target <= 10 %).
   * a small (4,16,8,8) case for scale: there the fixed per-call cost dominates, so it is
     reported in microseconds and not held to the target.
@@ -225,6 +226,87 @@ def resnet18_layers(reps, syncbn, torch) -> dict:
     return out
 
 
+# The first layer of each distinct BatchNorm input in ResNet-18 (the RESNET18_BN shapes).
+RESNET18_IN_SITU = ["bn1", "layer1.0.bn1", "layer2.0.bn1", "layer3.0.bn1", "layer4.0.bn1"]
+
+
+def resnet18_in_situ(reps, syncbn, torch) -> dict:
+    """Each distinct BatchNorm input of ResNet-18 timed where it runs: inside whole training
+    steps, one layer is syncbn's SyncBatchNorm in one step and the torch.nn.BatchNorm2d it
+    was converted from (parameters and buffers shared) in the next, every other layer
+    torch's. Its forward (forward pre-hook to forward hook) and its backward (its autograd
+    node, pre-hook to hook) are timed the same way for both. Unlike the per-layer loop,
+    the caches then hold what the rest of the step left there (convolution weights, other
+    activations), as in training; the per-layer loop keeps a layer's code and data hot."""
+    import torchvision
+
+    pc = time.perf_counter
+    out = {}
+    for fmt_name, fmt in (("NCHW", torch.contiguous_format),
+                          ("channels_last", torch.channels_last)):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(8, 3, 96, 96, generator=g).contiguous(memory_format=fmt)
+        target = torch.randint(0, 10, (8,), generator=g)
+        for path in RESNET18_IN_SITU:
+            parent_name, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layers = {"torch": getattr(parent, attr)}
+            layers["syncbn"] = syncbn.torch.convert_sync_batchnorm(layers["torch"])
+            t = {f"{k} {d}": [] for k in layers for d in ("fwd", "bwd")}
+            clock = {}
+            handles = []
+            for k, layer in layers.items():
+                def pre(mod, args, clock=clock):
+                    clock["fwd"] = pc()
+
+                def post(mod, args, y, k=k, t=t, clock=clock):
+                    t[f"{k} fwd"].append(pc() - clock["fwd"])
+
+                    def node_pre(grad_outputs):
+                        clock["bwd"] = pc()
+
+                    def node_post(grad_inputs, grad_outputs, k=k, t=t, clock=clock):
+                        t[f"{k} bwd"].append(pc() - clock["bwd"])
+
+                    y.grad_fn.register_prehook(node_pre)
+                    y.grad_fn.register_hook(node_post)
+
+                handles += [layer.register_forward_pre_hook(pre),
+                            layer.register_forward_hook(post)]
+            for r in range(2 + 2 * reps):
+                # warm-up pair, then pairs in alternating order (s,t / t,s / ...)
+                for k in (("syncbn", "torch") if r % 2 == 0 else ("torch", "syncbn")):
+                    setattr(parent, attr, layers[k])
+                    for p in model.parameters():
+                        p.grad = None
+                    torch.nn.functional.cross_entropy(model(x), target).backward()
+                if r == 1:
+                    for v in t.values():
+                        v.clear()
+            for h in handles:
+                h.remove()
+            setattr(parent, attr, layers["torch"])
+            res = {"layer": path}
+            for d in ("fwd", "bwd"):
+                a, b = t[f"syncbn {d}"], t[f"torch {d}"]
+                res[d] = {"syncbn_us": statistics.median(a) * 1e6,
+                          "torch_us": statistics.median(b) * 1e6,
+                          "ratio": statistics.median(a) / statistics.median(b),
+                          "ratio_paired": statistics.median(
+                              p / q for p, q in zip(a, b, strict=True))}
+            both = [p + q for p, q in zip(t["syncbn fwd"], t["syncbn bwd"], strict=True)]
+            both_t = [p + q for p, q in zip(t["torch fwd"], t["torch bwd"], strict=True)]
+            res["fwd+bwd"] = {"syncbn_us": statistics.median(both) * 1e6,
+                              "torch_us": statistics.median(both_t) * 1e6,
+                              "ratio_paired": statistics.median(
+                                  p / q for p, q in zip(both, both_t, strict=True))}
+            shape = RESNET18_BN[RESNET18_IN_SITU.index(path)][0]
+            out[f"{fmt_name} {shape}"] = res
+    return out
+
+
 def resnet18_steps(reps, syncbn, torch) -> dict:
     """A whole training step (forward, backward, SGD) and an eval pass of torchvision's
     ResNet-18 at batch 8, 96 px, converted against plain, NCHW and channels_last. A third
@@ -277,7 +359,7 @@ def resnet18_steps(reps, syncbn, torch) -> dict:
     return out
 
 
-def report_resnet18(layers, steps):
+def report_resnet18(layers, in_situ, steps):
     print("\nResNet-18 (batch 8, 96 px), syncbn.torch.SyncBatchNorm vs torch.nn.BatchNorm2d, "
           "medians in us; ratio = syncbn/torch (paired: median of per-rep ratios)")
     print(f"  {'layer input':31s} {'n':>2s} {'train fwd+bwd':>27s} {'ratio':>6s} {'paired':>6s}"
@@ -287,6 +369,14 @@ def report_resnet18(layers, steps):
         print(f"  {name:31s} {r['layers']:2d} {a['syncbn_us']:12.0f} vs {a['torch_us']:9.0f}"
               f" {a['ratio']:6.2f} {a['ratio_paired']:6.2f} {b['syncbn_us']:7.0f} vs "
               f"{b['torch_us']:7.0f} {b['ratio']:6.2f} {b['ratio_paired']:6.2f}")
+    print("  in situ (one layer swapped in whole training steps; paired ratios):")
+    print(f"  {'layer input':31s} {'layer':13s} {'fwd':>20s} {'ratio':>6s} {'bwd':>19s}"
+          f" {'ratio':>6s} {'fwd+bwd':>6s}")
+    for name, r in in_situ.items():
+        f, b = r["fwd"], r["bwd"]
+        print(f"  {name:31s} {r['layer']:13s} {f['syncbn_us']:8.0f} vs {f['torch_us']:7.0f}"
+              f" {f['ratio_paired']:6.2f} {b['syncbn_us']:7.0f} vs {b['torch_us']:7.0f}"
+              f" {b['ratio_paired']:6.2f} {r['fwd+bwd']['ratio_paired']:6.2f}")
     print("  whole model (ms):")
     for fmt, r in steps.items():
         for mode, d in r.items():
@@ -339,13 +429,16 @@ def main() -> int:
     if args.resnet18:
         with Contention() as load:
             layers = resnet18_layers(reps, syncbn, torch)
-            steps = resnet18_steps(max(5, reps // 2), syncbn, torch)
-        report_resnet18(layers, steps)
+            in_situ = resnet18_in_situ(max(6, reps // 4), syncbn, torch)
+            # a multiple of the 6 orders of the 3 contenders (bench_cpu.balanced_orders)
+            steps = resnet18_steps(max(6, -(-(reps // 2) // 6) * 6), syncbn, torch)
+        report_resnet18(layers, in_situ, steps)
         print(f"  during the section: {load}")
         meta["wall_s"] = time.perf_counter() - t_start
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"meta": meta, "resnet18_layers": layers, "resnet18_steps": steps,
+                json.dump({"meta": meta, "resnet18_layers": layers, "resnet18_in_situ": in_situ,
+                           "resnet18_steps": steps,
                            "contention": load.as_dict()}, f, indent=1)
             print(f"wrote {args.json}")
         return 0
