@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -158,14 +159,34 @@ inline void for_each_chunk(int64_t L, int64_t b, int64_t e, int64_t jb, int64_t 
   }
 }
 
-// Adds the sums of row positions [j, j + 4W) over rows [o0, o1) to pa, pb.
-template <int W, class T, class T1, class F>
+// Rows mode tiles run down the rows, one line of each row per tile: in a training step x
+// and dy arrive from memory, not cache, and the hardware prefetchers do not follow that
+// walk far enough ahead. So each row's line of the tile after next is prefetched (in situ
+// in ResNet-18, bench_torch --resnet18: the core's channels_last forward and backward
+// about 10 % faster; in a loop, where the data is in cache, no change beyond noise).
+constexpr int64_t kPrefetchTiles = 2;
+template <class T>
+inline void prefetch_tile(const T* p) {
+  // An address, not a pointer: near a row's end it lies past the data (a prefetch of it
+  // is harmless, pointer arithmetic there would not be).
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + kPrefetchTiles * 16 * sizeof(T);
+  for (size_t k = 0; k < 16 * sizeof(T); k += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a + k));
+}
+
+// Adds the sums of row positions [j, j + 4W) over rows [o0, o1) to pa, pb (PF: prefetching
+// ahead, for whole tiles).
+template <int W, bool PF, class T, class T1, class F>
 inline void reduce_tile(const T* x0, const T1* x1, const double* pr, int64_t L, int64_t j,
                         int64_t o0, int64_t o1, double* pa, double* pb, F& f) {
   vec4 p[W], a[W], q[W];
   for (int w = 0; w < W; ++w) p[w] = loadu4(pr + j + 4 * w), a[w] = vec4{}, q[w] = vec4{};
   for (int64_t o = o0; o < o1; ++o) {
     const int64_t off = o * L + j;
+    if constexpr (PF) {
+      prefetch_tile(x0 + off);
+      if constexpr (!std::is_same_v<T1, std::nullptr_t>) prefetch_tile(x1 + off);
+    }
     for (int w = 0; w < W; ++w) {
       const vec4 v = load4(x0 + off + 4 * w);
       f(v, second(x1, off + 4 * w, v), p[w], a[w], q[w]);
@@ -235,10 +256,10 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
         for_each_chunk(
             L, b, e, jb, je,
             [&](int64_t j, int64_t o0, int64_t o1) {
-              reduce_tile<4>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
+              reduce_tile<4, true>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
             },
             [&](int64_t j, int64_t o0, int64_t o1) {
-              reduce_tile<1>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
+              reduce_tile<1, false>(x0, x1, pr, L, j, o0, o1, pa, pb, f);
             },
             [&](int64_t j, int64_t o0, int64_t o1) {
               for (int64_t o = o0; o < o1; ++o) {
