@@ -226,83 +226,79 @@ def resnet18_layers(reps, syncbn, torch) -> dict:
     return out
 
 
-# The first layer of each distinct BatchNorm input in ResNet-18 (the RESNET18_BN shapes).
-RESNET18_IN_SITU = ["bn1", "layer1.0.bn1", "layer2.0.bn1", "layer3.0.bn1", "layer4.0.bn1"]
-
-
 def resnet18_in_situ(reps, syncbn, torch) -> dict:
-    """Each distinct BatchNorm input of ResNet-18 timed where it runs: inside whole training
-    steps, one layer is syncbn's SyncBatchNorm in one step and the torch.nn.BatchNorm2d it
-    was converted from (parameters and buffers shared) in the next, every other layer
-    torch's. Its forward (forward pre-hook to forward hook) and its backward (its autograd
-    node, pre-hook to hook) are timed the same way for both. Unlike the per-layer loop,
-    the caches then hold what the rest of the step left there (convolution weights, other
-    activations), as in training; the per-layer loop keeps a layer's code and data hot."""
+    """Every BatchNorm layer of ResNet-18 timed where it runs: whole training steps of the
+    plain model and of its syncbn conversion, alternating (s,t / t,s / ...). Each layer's
+    forward (forward pre-hook to hook) and backward (its autograd node, pre-hook to hook)
+    are timed the same way in both, and summed per step over the layers of each input
+    shape. Unlike the per-layer loop, the caches then hold what the rest of the step left
+    there (convolution weights, other activations), as in training; the loop keeps one
+    layer's code and data hot."""
+    import copy
+
     import torchvision
 
     pc = time.perf_counter
+    shapes = [s for s, _ in RESNET18_BN]
     out = {}
     for fmt_name, fmt in (("NCHW", torch.contiguous_format),
                           ("channels_last", torch.channels_last)):
         torch.manual_seed(0)
-        model = torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)
+        models = {"torch": torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)}
+        models["syncbn"] = syncbn.torch.convert_sync_batchnorm(copy.deepcopy(models["torch"]))
         g = torch.Generator().manual_seed(2)
         x = torch.randn(8, 3, 96, 96, generator=g).contiguous(memory_format=fmt)
         target = torch.randint(0, 10, (8,), generator=g)
-        for path in RESNET18_IN_SITU:
-            parent_name, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            layers = {"torch": getattr(parent, attr)}
-            layers["syncbn"] = syncbn.torch.convert_sync_batchnorm(layers["torch"])
-            t = {f"{k} {d}": [] for k in layers for d in ("fwd", "bwd")}
-            clock = {}
-            handles = []
-            for k, layer in layers.items():
-                def pre(mod, args, clock=clock):
-                    clock["fwd"] = pc()
+        step_sums = {}  # (shape, "fwd" | "bwd") -> seconds in the current step
+        clock = {}
+        handles = []
 
-                def post(mod, args, y, k=k, t=t, clock=clock):
-                    t[f"{k} fwd"].append(pc() - clock["fwd"])
+        def pre(mod, args, clock=clock):
+            clock["fwd"] = pc()
 
-                    def node_pre(grad_outputs):
-                        clock["bwd"] = pc()
+        def post(mod, args, y, clock=clock, sums=step_sums):
+            shape = tuple(args[0].shape)
+            sums[shape, "fwd"] = sums.get((shape, "fwd"), 0.0) + pc() - clock["fwd"]
+            node = y.grad_fn
+            start = {}
 
-                    def node_post(grad_inputs, grad_outputs, k=k, t=t, clock=clock):
-                        t[f"{k} bwd"].append(pc() - clock["bwd"])
+            def node_pre(grad_outputs, start=start):
+                start["t"] = pc()
 
-                    y.grad_fn.register_prehook(node_pre)
-                    y.grad_fn.register_hook(node_post)
+            def node_post(grad_inputs, grad_outputs, start=start, shape=shape):
+                sums[shape, "bwd"] = sums.get((shape, "bwd"), 0.0) + pc() - start["t"]
 
-                handles += [layer.register_forward_pre_hook(pre),
-                            layer.register_forward_hook(post)]
-            for r in range(2 + 2 * reps):
-                # warm-up pair, then pairs in alternating order (s,t / t,s / ...)
-                for k in (("syncbn", "torch") if r % 2 == 0 else ("torch", "syncbn")):
-                    setattr(parent, attr, layers[k])
-                    for p in model.parameters():
-                        p.grad = None
-                    torch.nn.functional.cross_entropy(model(x), target).backward()
-                if r == 1:
-                    for v in t.values():
-                        v.clear()
-            for h in handles:
-                h.remove()
-            setattr(parent, attr, layers["torch"])
-            res = {"layer": path}
-            for d in ("fwd", "bwd"):
-                a, b = t[f"syncbn {d}"], t[f"torch {d}"]
-                res[d] = {"syncbn_us": statistics.median(a) * 1e6,
-                          "torch_us": statistics.median(b) * 1e6,
-                          "ratio": statistics.median(a) / statistics.median(b),
+            node.register_prehook(node_pre)
+            node.register_hook(node_post)
+
+        for m in models.values():
+            for layer in m.modules():
+                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                    handles += [layer.register_forward_pre_hook(pre),
+                                layer.register_forward_hook(post)]
+        t = {k: {(s, d): [] for s in shapes for d in ("fwd", "bwd")} for k in models}
+        for r in range(2 + 2 * reps):  # a warm-up pair, then pairs in alternating order
+            for k in (("syncbn", "torch") if r % 2 == 0 else ("torch", "syncbn")):
+                m = models[k]
+                for p in m.parameters():
+                    p.grad = None
+                step_sums.clear()
+                torch.nn.functional.cross_entropy(m(x), target).backward()
+                if r >= 2:
+                    for key, v in t[k].items():
+                        v.append(step_sums[key])
+        for h in handles:
+            h.remove()
+        for shape, count in RESNET18_BN:
+            res = {"layers": count}
+            for d in ("fwd", "bwd", "fwd+bwd"):
+                a, b = ([p + q for p, q in zip(t[k][shape, "fwd"], t[k][shape, "bwd"],
+                                               strict=True)] if d == "fwd+bwd"
+                        else t[k][shape, d] for k in ("syncbn", "torch"))
+                res[d] = {"syncbn_us": statistics.median(a) * 1e6 / count,
+                          "torch_us": statistics.median(b) * 1e6 / count,
                           "ratio_paired": statistics.median(
                               p / q for p, q in zip(a, b, strict=True))}
-            both = [p + q for p, q in zip(t["syncbn fwd"], t["syncbn bwd"], strict=True)]
-            both_t = [p + q for p, q in zip(t["torch fwd"], t["torch bwd"], strict=True)]
-            res["fwd+bwd"] = {"syncbn_us": statistics.median(both) * 1e6,
-                              "torch_us": statistics.median(both_t) * 1e6,
-                              "ratio_paired": statistics.median(
-                                  p / q for p, q in zip(both, both_t, strict=True))}
-            shape = RESNET18_BN[RESNET18_IN_SITU.index(path)][0]
             out[f"{fmt_name} {shape}"] = res
     return out
 
@@ -369,12 +365,13 @@ def report_resnet18(layers, in_situ, steps):
         print(f"  {name:31s} {r['layers']:2d} {a['syncbn_us']:12.0f} vs {a['torch_us']:9.0f}"
               f" {a['ratio']:6.2f} {a['ratio_paired']:6.2f} {b['syncbn_us']:7.0f} vs "
               f"{b['torch_us']:7.0f} {b['ratio']:6.2f} {b['ratio_paired']:6.2f}")
-    print("  in situ (one layer swapped in whole training steps; paired ratios):")
-    print(f"  {'layer input':31s} {'layer':13s} {'fwd':>20s} {'ratio':>6s} {'bwd':>19s}"
+    print("  in situ (inside whole training steps of the converted and the plain model; us"
+          " per layer, paired ratios):")
+    print(f"  {'layer input':31s} {'n':>2s} {'fwd':>20s} {'ratio':>6s} {'bwd':>19s}"
           f" {'ratio':>6s} {'fwd+bwd':>6s}")
     for name, r in in_situ.items():
         f, b = r["fwd"], r["bwd"]
-        print(f"  {name:31s} {r['layer']:13s} {f['syncbn_us']:8.0f} vs {f['torch_us']:7.0f}"
+        print(f"  {name:31s} {r['layers']:2d} {f['syncbn_us']:8.0f} vs {f['torch_us']:7.0f}"
               f" {f['ratio_paired']:6.2f} {b['syncbn_us']:7.0f} vs {b['torch_us']:7.0f}"
               f" {b['ratio_paired']:6.2f} {r['fwd+bwd']['ratio_paired']:6.2f}")
     print("  whole model (ms):")
@@ -399,7 +396,8 @@ def main() -> int:
                     "from fresh 25 MB buffers), as bench_cpu.py --malloc-keep")
     ap.add_argument("--resnet18", action="store_true",
                     help="only the ResNet-18 section: every BatchNorm layer (train fwd+bwd, "
-                    "eval) and whole steps against torch (needs torchvision)")
+                    "eval) in a loop and in situ (inside whole training steps), and whole "
+                    "steps against torch (needs torchvision)")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 51)
     if args.malloc_keep:
