@@ -52,12 +52,12 @@ def minor_faults() -> int:
 
 
 def balanced_orders(names: list) -> list:
-    """Orders to run contenders in, one per repetition, cycled: with every one of them each
-    contender runs right after every other equally often, as often first and as often
-    last. (Rotating one order (A,B,C, B,C,A, ...) keeps A always right before B: whatever
-    a contender leaves behind in caches and the allocator then always lands on the same
-    next one, a bias measured at 2-3 % on whole ResNet-18 steps.) All orders up to 4
-    contenders; above, rotations of the order and of its reverse."""
+    """Orders to run contenders in, one per repetition, cycled. Up to 4 contenders, all
+    orders: each runs right after each other equally often, and as often first and last.
+    Above, rotations of the order and of its reverse: each runs before and after its
+    neighbours equally often. (Rotating one order, A,B,C / B,C,A / C,A,B, keeps A always
+    right before B, so whatever a contender leaves in the caches and the allocator always
+    lands on the same next one.)"""
     if len(names) <= 4:
         return [list(p) for p in itertools.permutations(names)]
     n = len(names)
