@@ -38,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import (  # noqa: E402
     Contention,
+    balanced_orders,
     mark,
     measure,
     reexec_with_malloc_keep,
@@ -226,20 +227,87 @@ def resnet18_layers(reps, syncbn, torch) -> dict:
     return out
 
 
+def bn_in_situ(models: dict, x, target, reps, torch) -> dict:
+    """Every BatchNorm layer of each model in ``models`` timed where it runs: whole
+    training steps of the models, in balanced orders (see bench_cpu.balanced_orders).
+    Each layer's forward (forward pre-hook to hook) and backward (its autograd node,
+    pre-hook to hook) are timed the same way in every model and summed per step over the
+    layers of each input shape. Unlike the per-layer loop, the caches then hold what the
+    rest of the step left there (convolution weights, other activations), as in training;
+    the loop keeps one layer's code and data hot. Returns {model: {(shape, "fwd" | "bwd"):
+    seconds per step, one per repetition}}."""
+    pc = time.perf_counter
+    step_sums = {}  # (shape, "fwd" | "bwd") -> seconds in the current step
+    clock = {}
+    handles = []
+
+    def pre(mod, args, clock=clock):
+        clock["fwd"] = pc()
+
+    def post(mod, args, y, clock=clock, sums=step_sums):
+        shape = tuple(args[0].shape)
+        sums[shape, "fwd"] = sums.get((shape, "fwd"), 0.0) + pc() - clock["fwd"]
+        node = y.grad_fn
+        start = {}
+
+        def node_pre(grad_outputs, start=start):
+            start["t"] = pc()
+
+        def node_post(grad_inputs, grad_outputs, start=start, shape=shape):
+            sums[shape, "bwd"] = sums.get((shape, "bwd"), 0.0) + pc() - start["t"]
+
+        node.register_prehook(node_pre)
+        node.register_hook(node_post)
+
+    for m in models.values():
+        for layer in m.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                handles += [layer.register_forward_pre_hook(pre),
+                            layer.register_forward_hook(post)]
+    orders = balanced_orders(list(models))
+    t = {k: {} for k in models}
+    try:
+        for r in range(len(orders) + reps):  # a warm-up round of every order first
+            for k in orders[r % len(orders)]:
+                m = models[k]
+                for p in m.parameters():
+                    p.grad = None
+                step_sums.clear()
+                torch.nn.functional.cross_entropy(m(x), target).backward()
+                if r >= len(orders):
+                    for key, v in step_sums.items():
+                        t[k].setdefault(key, []).append(v)
+    finally:
+        for h in handles:
+            h.remove()
+    return t
+
+
+def in_situ_ratios(t, a, b, shapes) -> dict:
+    """Per layer input of bn_in_situ's timings: us per layer of a and b, and the median
+    of the per-repetition ratios a / b, for the forward, the backward node and both."""
+    out = {}
+    for shape, count in shapes:
+        res = {"layers": count}
+        for d in ("fwd", "bwd", "fwd+bwd"):
+            p, q = ([f + g for f, g in zip(t[k][shape, "fwd"], t[k][shape, "bwd"],
+                                           strict=True)] if d == "fwd+bwd"
+                    else t[k][shape, d] for k in (a, b))
+            res[d] = {f"{a}_us": statistics.median(p) * 1e6 / count,
+                      f"{b}_us": statistics.median(q) * 1e6 / count,
+                      "ratio_paired": statistics.median(
+                          u / v for u, v in zip(p, q, strict=True))}
+        out[shape] = res
+    return out
+
+
 def resnet18_in_situ(reps, syncbn, torch) -> dict:
-    """Every BatchNorm layer of ResNet-18 timed where it runs: whole training steps of the
-    plain model and of its syncbn conversion, alternating (s,t / t,s / ...). Each layer's
-    forward (forward pre-hook to hook) and backward (its autograd node, pre-hook to hook)
-    are timed the same way in both, and summed per step over the layers of each input
-    shape. Unlike the per-layer loop, the caches then hold what the rest of the step left
-    there (convolution weights, other activations), as in training; the loop keeps one
-    layer's code and data hot."""
+    """bn_in_situ over torchvision's ResNet-18 at batch 8, 96 px: its syncbn conversion
+    against the plain model, NCHW and channels_last."""
     import copy
 
     import torchvision
 
-    pc = time.perf_counter
-    shapes = [s for s, _ in RESNET18_BN]
     out = {}
     for fmt_name, fmt in (("NCHW", torch.contiguous_format),
                           ("channels_last", torch.channels_last)):
@@ -249,56 +317,8 @@ def resnet18_in_situ(reps, syncbn, torch) -> dict:
         g = torch.Generator().manual_seed(2)
         x = torch.randn(8, 3, 96, 96, generator=g).contiguous(memory_format=fmt)
         target = torch.randint(0, 10, (8,), generator=g)
-        step_sums = {}  # (shape, "fwd" | "bwd") -> seconds in the current step
-        clock = {}
-        handles = []
-
-        def pre(mod, args, clock=clock):
-            clock["fwd"] = pc()
-
-        def post(mod, args, y, clock=clock, sums=step_sums):
-            shape = tuple(args[0].shape)
-            sums[shape, "fwd"] = sums.get((shape, "fwd"), 0.0) + pc() - clock["fwd"]
-            node = y.grad_fn
-            start = {}
-
-            def node_pre(grad_outputs, start=start):
-                start["t"] = pc()
-
-            def node_post(grad_inputs, grad_outputs, start=start, shape=shape):
-                sums[shape, "bwd"] = sums.get((shape, "bwd"), 0.0) + pc() - start["t"]
-
-            node.register_prehook(node_pre)
-            node.register_hook(node_post)
-
-        for m in models.values():
-            for layer in m.modules():
-                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-                    handles += [layer.register_forward_pre_hook(pre),
-                                layer.register_forward_hook(post)]
-        t = {k: {(s, d): [] for s in shapes for d in ("fwd", "bwd")} for k in models}
-        for r in range(2 + 2 * reps):  # a warm-up pair, then pairs in alternating order
-            for k in (("syncbn", "torch") if r % 2 == 0 else ("torch", "syncbn")):
-                m = models[k]
-                for p in m.parameters():
-                    p.grad = None
-                step_sums.clear()
-                torch.nn.functional.cross_entropy(m(x), target).backward()
-                if r >= 2:
-                    for key, v in t[k].items():
-                        v.append(step_sums[key])
-        for h in handles:
-            h.remove()
-        for shape, count in RESNET18_BN:
-            res = {"layers": count}
-            for d in ("fwd", "bwd", "fwd+bwd"):
-                a, b = ([p + q for p, q in zip(t[k][shape, "fwd"], t[k][shape, "bwd"],
-                                               strict=True)] if d == "fwd+bwd"
-                        else t[k][shape, d] for k in ("syncbn", "torch"))
-                res[d] = {"syncbn_us": statistics.median(a) * 1e6 / count,
-                          "torch_us": statistics.median(b) * 1e6 / count,
-                          "ratio_paired": statistics.median(
-                              p / q for p, q in zip(a, b, strict=True))}
+        t = bn_in_situ(models, x, target, 2 * reps, torch)
+        for shape, res in in_situ_ratios(t, "syncbn", "torch", RESNET18_BN).items():
             out[f"{fmt_name} {shape}"] = res
     return out
 
