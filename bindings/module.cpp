@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "eager_table.h"
 #include "errors.h"
 #include "syncbn/build_config.h"
 #include "syncbn/communicator.h"
@@ -160,6 +161,59 @@ class ForeignCommunicator final : public syncbn::Communicator {
   syncbn::Communicator* inner_ = nullptr;
 };
 
+// ---- the table of bindings/eager_table.h (the torch module's C++ autograd node) ----------
+
+const TensorView* dl_view(const DLTensor* t, const char* name, bool writable, TensorView* out) {
+  if (t == nullptr) return nullptr;
+  *out = syncbn::from_dlpack(*t, name, !writable);
+  return out;
+}
+
+int eager_forward(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
+                  const DLTensor* running_mean, const DLTensor* running_var, const DLTensor* y,
+                  const DLTensor* save_mean, const DLTensor* save_invstd, int64_t* batches,
+                  const syncbn::ForwardOptions* opt, syncbn::Communicator* comm, double* count,
+                  std::exception_ptr* error) noexcept {
+  try {
+    TensorView v[8];
+    *count = syncbn::forward(*dl_view(x, "x", false, &v[0]), dl_view(weight, "weight", false, &v[1]),
+                             dl_view(bias, "bias", false, &v[2]),
+                             dl_view(running_mean, "running_mean", true, &v[3]),
+                             dl_view(running_var, "running_var", true, &v[4]), *opt, *comm,
+                             *dl_view(y, "y", true, &v[5]),
+                             *dl_view(save_mean, "save_mean", true, &v[6]),
+                             *dl_view(save_invstd, "save_invstd", true, &v[7]));
+    if (batches != nullptr) ++*batches;
+    return 0;
+  } catch (...) {
+    *error = std::current_exception();
+    return 1;
+  }
+}
+
+int eager_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* save_mean,
+                   const DLTensor* save_invstd, const DLTensor* weight, const DLTensor* dx,
+                   const DLTensor* grad_weight, const DLTensor* grad_bias,
+                   const syncbn::BackwardOptions* opt, syncbn::Communicator* comm,
+                   std::exception_ptr* error) noexcept {
+  try {
+    TensorView v[8];
+    syncbn::backward(*dl_view(dy, "dy", false, &v[0]), *dl_view(x, "x", false, &v[1]),
+                     *dl_view(save_mean, "save_mean", false, &v[2]),
+                     *dl_view(save_invstd, "save_invstd", false, &v[3]),
+                     dl_view(weight, "weight", false, &v[4]), *opt, *comm,
+                     dl_view(dx, "dx", true, &v[5]), dl_view(grad_weight, "grad_weight", true, &v[6]),
+                     dl_view(grad_bias, "grad_bias", true, &v[7]));
+    return 0;
+  } catch (...) {
+    *error = std::current_exception();
+    return 1;
+  }
+}
+
+const syncbn::bindings::EagerTable eager_table{syncbn::bindings::kEagerTableVersion,
+                                               eager_forward, eager_backward};
+
 nb::dict build_info() {
   const syncbn::BuildConfig c = syncbn::build_config();
   nb::dict d;
@@ -181,6 +235,12 @@ nb::dict build_info() {
 #else
   d["jax"] = false;
   d["xla_ffi_api"] = nb::none();
+#endif
+  // The torch the C++ autograd node of syncbn.torch was built against (SYNCBN_WITH_TORCH).
+#ifdef SYNCBN_TORCH_VERSION
+  d["torch"] = SYNCBN_TORCH_VERSION;
+#else
+  d["torch"] = nb::none();
 #endif
   return d;
 }
@@ -453,6 +513,16 @@ NB_MODULE(_core, m) {
   });
 
   m.def("build_info", &build_info);
+
+  // For the torch module's C++ autograd node (bindings/torch_eager.cpp): the address of the
+  // core's table, of a communicator (the caller keeps it alive), and the Python exception
+  // of a failed call (an std::exception_ptr the module holds while this runs).
+  m.def("eager_table", [] { return reinterpret_cast<uintptr_t>(&eager_table); });
+  m.def("communicator_address",
+        [](syncbn::Communicator& comm) { return reinterpret_cast<uintptr_t>(&comm); });
+  m.def("eager_raise", [](uintptr_t error) {
+    std::rethrow_exception(*reinterpret_cast<const std::exception_ptr*>(error));
+  });
 
 #ifdef SYNCBN_WITH_JAX
   // XLA FFI handlers for syncbn.jax, by platform, as capsules for

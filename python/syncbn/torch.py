@@ -170,6 +170,65 @@ class _RecomputedFunction(torch.autograd.Function):
         return _SyncBatchNormFunction.backward(ctx, dy) + (None,)
 
 
+# ---- eager on the CPU: the C++ autograd node, where it was built ---------------------------
+#
+# libsyncbn_torch_eager (bindings/torch_eager.cpp) is _SyncBatchNormFunction in C++: the
+# same core calls, without a Python autograd node, whose Python costs a small layer more
+# than its kernels inside a training step. Built against one torch (SYNCBN_WITH_TORCH at
+# build time), so loaded only under that torch; SYNCBN_TORCH_EAGER=python keeps the Python
+# Function. CUDA tensors and masks stay on the Python Function.
+
+_native_comms: dict = {}  # communicator -> its address, for the node
+_native_by_address: dict = {}  # and back; both keep it alive while nodes may hold it
+
+
+def _native_comm(comm) -> int:
+    addr = _core.communicator_address(comm)
+    _native_comms[comm] = addr
+    _native_by_address[addr] = comm
+    return addr
+
+
+def _native_raise(error):
+    _core.eager_raise(error)  # raises the failed call's exception
+    raise RuntimeError("syncbn: eager_raise returned without raising")
+
+
+def _native_composite_grads(dy, x, weight, bias, comm, layer, name, unbiased, eps, needs):
+    grads = _composite_grads(dy, x, weight, bias, _native_by_address[comm], 1, layer, name,
+                             unbiased, eps, tuple(needs))
+    like = (x, weight, bias)
+    return [torch.zeros_like(like[i]) if g is None else g
+            for i, g in enumerate(grads) if needs[i]]
+
+
+def _load_native():
+    """torch.ops.syncbn_eager.forward where the node was built against this torch; else
+    None (the Python Function runs), with a warning if it was built against another."""
+    import os
+
+    want = os.environ.get("SYNCBN_TORCH_EAGER", "cpp").strip().lower()
+    if want not in ("cpp", "python"):
+        raise ValueError(f"SYNCBN_TORCH_EAGER: expected 'cpp' or 'python', got {want!r}")
+    built = _core.build_info().get("torch")
+    if want == "python" or built is None:
+        return None, None
+    if built != torch.__version__:
+        warnings.warn(f"syncbn.torch: syncbn's C++ autograd node was built against torch "
+                      f"{built}, not this torch {torch.__version__}; using the Python "
+                      f"autograd.Function (same results, more time per call). Rebuild syncbn "
+                      f"against this torch (see the README, 'Install') to get it back.",
+                      stacklevel=3)
+        return None, None
+    torch.ops.load_library(os.path.join(os.path.dirname(_core.__file__),
+                                        "libsyncbn_torch_eager.so"))
+    torch.ops.syncbn_eager.init(_core.eager_table())
+    lib = torch.library.Library("syncbn_eager", "IMPL")
+    lib.impl("raise_error", _native_raise, "CompositeImplicitAutograd")
+    lib.impl("composite_grads", _native_composite_grads, "CompositeImplicitAutograd")
+    return torch.ops.syncbn_eager.forward.default, lib
+
+
 # ---- transforms: a composition of torch ops around a differentiable all-reduce ------------
 
 
@@ -481,6 +540,20 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                      comm, 1, True, self.layer_id,
                                                      self.layer_name, self.eps)
         step = nbt if update and nbt is not None else None
+        if _native is not None and not input.is_cuda:
+            addr = _native_comms.get(comm)
+            if addr is None:
+                addr = _native_comm(comm)
+            counted = step is not None and step.dtype is torch.long and not step.is_cuda
+            y, mean, invstd, count = _native(input, weight, bias, rm, rv,
+                                             step if counted else None, momentum, self.eps,
+                                             addr, self.layer_id, self.layer_name,
+                                             _fn._fingerprint, True)
+            if not _grad_enabled() or (_top_hooks(True) and _may_be_recomputed()):
+                saved.append((input.shape, mean, invstd, count, comm))
+            if step is not None and not counted:
+                step.add_(1)
+            return y
         info = {"layer": self.layer_id, "name": self.layer_name,
                 "batches": step if step is not None and step.dtype is torch.long
                 and not step.is_cuda else None}
@@ -559,6 +632,8 @@ def _let_ddp_take_syncbn_on_cpu():
 
 
 _let_ddp_take_syncbn_on_cpu()
+
+_native, _native_lib = _load_native()
 
 # The forward ordering token of the compiled path (see syncbn._torch_ops); no gradient.
 _TOKEN = torch.zeros((), dtype=torch.float64)
