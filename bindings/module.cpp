@@ -176,13 +176,12 @@ int eager_forward(const DLTensor* x, const DLTensor* weight, const DLTensor* bia
                   std::exception_ptr* error) noexcept {
   try {
     TensorView v[8];
-    *count = syncbn::forward(*dl_view(x, "x", false, &v[0]), dl_view(weight, "weight", false, &v[1]),
-                             dl_view(bias, "bias", false, &v[2]),
-                             dl_view(running_mean, "running_mean", true, &v[3]),
-                             dl_view(running_var, "running_var", true, &v[4]), *opt, *comm,
-                             *dl_view(y, "y", true, &v[5]),
-                             *dl_view(save_mean, "save_mean", true, &v[6]),
-                             *dl_view(save_invstd, "save_invstd", true, &v[7]));
+    *count = syncbn::forward(
+        *dl_view(x, "x", false, &v[0]), dl_view(weight, "weight", false, &v[1]),
+        dl_view(bias, "bias", false, &v[2]), dl_view(running_mean, "running_mean", true, &v[3]),
+        dl_view(running_var, "running_var", true, &v[4]), *opt, *comm,
+        *dl_view(y, "y", true, &v[5]), *dl_view(save_mean, "save_mean", true, &v[6]),
+        *dl_view(save_invstd, "save_invstd", true, &v[7]));
     if (batches != nullptr) ++*batches;
     return 0;
   } catch (...) {
@@ -202,7 +201,8 @@ int eager_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* save_m
                      *dl_view(save_mean, "save_mean", false, &v[2]),
                      *dl_view(save_invstd, "save_invstd", false, &v[3]),
                      dl_view(weight, "weight", false, &v[4]), *opt, *comm,
-                     dl_view(dx, "dx", true, &v[5]), dl_view(grad_weight, "grad_weight", true, &v[6]),
+                     dl_view(dx, "dx", true, &v[5]),
+                     dl_view(grad_weight, "grad_weight", true, &v[6]),
                      dl_view(grad_bias, "grad_bias", true, &v[7]));
     return 0;
   } catch (...) {
@@ -211,8 +211,8 @@ int eager_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* save_m
   }
 }
 
-const syncbn::bindings::EagerTable eager_table{syncbn::bindings::kEagerTableVersion,
-                                               eager_forward, eager_backward};
+const syncbn::bindings::EagerTable eager_table{syncbn::bindings::kEagerTableVersion, eager_forward,
+                                               eager_backward};
 
 nb::dict build_info() {
   const syncbn::BuildConfig c = syncbn::build_config();

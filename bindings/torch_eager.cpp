@@ -34,7 +34,7 @@
 
 #include "eager_table.h"
 
-namespace {
+namespace syncbn_eager {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -59,12 +59,8 @@ DLTensor dl(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
     case at::kDouble:
-    case at::kHalf:
-      d.dtype = DLDataType{kDLFloat, uint8_t(bits), 1};
-      break;
-    case at::kBFloat16:
-      d.dtype = DLDataType{kDLBfloat, 16, 1};
-      break;
+    case at::kHalf: d.dtype = DLDataType{kDLFloat, uint8_t(bits), 1}; break;
+    case at::kBFloat16: d.dtype = DLDataType{kDLBfloat, 16, 1}; break;
     default:  // the core names the argument and the dtype it expected
       d.dtype = DLDataType{kDLInt, uint8_t(bits), 1};
   }
@@ -123,7 +119,7 @@ bool wants_composite(const at::Tensor& dy) {
   return dy._fw_grad(/*level=*/0).defined();
 }
 
-struct SyncBatchNormNode : public torch::autograd::Function<SyncBatchNormNode> {
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
                             const OptTensor& bias, const Params* p, Saved* out) {
     TORCH_CHECK(table != nullptr, "syncbn_eager.forward: call syncbn_eager.init first");
@@ -142,12 +138,12 @@ struct SyncBatchNormNode : public torch::autograd::Function<SyncBatchNormNode> {
     opt.layer_name = p->name.empty() ? nullptr : p->name.c_str();
     opt.verify = p->verify;
     Views v;
-    int64_t* batches = p->batches && p->batches->defined() ? p->batches->data_ptr<int64_t>()
-                                                           : nullptr;
+    int64_t* batches =
+        p->batches && p->batches->defined() ? p->batches->data_ptr<int64_t>() : nullptr;
     std::exception_ptr error;
     if (table->forward(v(x), v(w), v(b), v(p->running_mean.value_or(at::Tensor())),
-                       v(p->running_var.value_or(at::Tensor())), v(y), v(out->mean),
-                       v(out->invstd), batches, &opt, comm_of(p->comm), &out->count, &error))
+                       v(p->running_var.value_or(at::Tensor())), v(y), v(out->mean), v(out->invstd),
+                       batches, &opt, comm_of(p->comm), &out->count, &error))
       raise(error);
     ctx->save_for_backward({x, w, b});
     ctx->saved_data["mean"] = out->mean;
@@ -165,8 +161,10 @@ struct SyncBatchNormNode : public torch::autograd::Function<SyncBatchNormNode> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &w = s[1], &b = s[2], &dy = grads[0];
-    const std::array<bool, 3> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                    ctx->needs_input_grad(2)};
+    // needs_input_grad counts the node's edges: one per defined tensor among x, w, b.
+    std::array<bool, 3> needs{};
+    for (size_t i = 0, edge = 0; i < 3; ++i)
+      if (s[i].defined() || i == 0) needs[i] = ctx->needs_input_grad(edge++);
     variable_list out(5);  // x, weight, bias, and the two non-tensor arguments
     const auto& d = ctx->saved_data;
     const int64_t comm = d.at("comm").toInt(), layer = d.at("layer").toInt();
@@ -175,10 +173,9 @@ struct SyncBatchNormNode : public torch::autograd::Function<SyncBatchNormNode> {
       static auto op =
           c10::Dispatcher::singleton()
               .findSchemaOrThrow("syncbn_eager::composite_grads", "")
-              .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                             const OptTensor&, const OptTensor&, int64_t,
-                                             int64_t, c10::string_view, bool, double,
-                                             std::array<bool, 3>)>();
+              .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                             const OptTensor&, int64_t, int64_t, c10::string_view,
+                                             bool, double, std::array<bool, 3>)>();
       std::vector<at::Tensor> g =
           op.call(dy, x, w.defined() ? OptTensor(w) : std::nullopt,
                   b.defined() ? OptTensor(b) : std::nullopt, comm, layer, name,
@@ -210,16 +207,16 @@ struct SyncBatchNormNode : public torch::autograd::Function<SyncBatchNormNode> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, double> forward(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& batches,
-    double momentum, double eps, int64_t comm, int64_t layer, c10::string_view name,
-    bool verify, bool unbiased) {
-  Params p{running_mean, running_var, batches, momentum, eps, comm, layer,
-           std::string(name), verify, unbiased};
+    double momentum, double eps, int64_t comm, int64_t layer, c10::string_view name, bool verify,
+    bool unbiased) {
+  Params p{running_mean, running_var, batches,           momentum, eps,
+           comm,         layer,       std::string(name), verify,   unbiased};
   Saved out;
-  at::Tensor y = SyncBatchNormNode::apply(x, weight, bias, &p, &out);
+  at::Tensor y = SyncBatchNorm::apply(x, weight, bias, &p, &out);
   return {y, out.mean, out.invstd, out.count};
 }
 
-}  // namespace
+}  // namespace syncbn_eager
 
 TORCH_LIBRARY(syncbn_eager, m) {
   m.def("init(int table) -> ()");
@@ -231,6 +228,6 @@ TORCH_LIBRARY(syncbn_eager, m) {
   m.def(
       "composite_grads(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, int comm, int layer, "
       "str name, bool unbiased, float eps, bool[3] needs) -> Tensor[]");
-  m.impl("init", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(init));
-  m.impl("forward", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(forward));
+  m.impl("init", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(syncbn_eager::init));
+  m.impl("forward", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(syncbn_eager::forward));
 }

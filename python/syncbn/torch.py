@@ -225,8 +225,12 @@ def _load_native():
     torch.ops.syncbn_eager.init(_core.eager_table())
     lib = torch.library.Library("syncbn_eager", "IMPL")
     lib.impl("raise_error", _native_raise, "CompositeImplicitAutograd")
-    lib.impl("composite_grads", _native_composite_grads, "CompositeImplicitAutograd")
-    return torch.ops.syncbn_eager.forward.default, lib
+    # Batched: dy of is_grads_batched (and of vmap) reaches the composition as it is, whose
+    # torch ops have batching rules, as the Python Function's backward does.
+    for key in ("CompositeImplicitAutograd", "Batched", "FuncTorchBatched"):
+        lib.impl("composite_grads", _native_composite_grads, key)
+    # The overload's C++ callable (OpOverload.__call__ is a Python frame around it).
+    return torch.ops.syncbn_eager.forward.default._op, lib
 
 
 # ---- transforms: a composition of torch ops around a differentiable all-reduce ------------

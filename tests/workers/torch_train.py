@@ -93,6 +93,7 @@ def main(out_dir, mode):
         results[dt] = dict(y=y.detach(), dx=x.grad, dw=bn.weight.grad, db=bn.bias.grad,
                            running_mean=bn.running_mean, running_var=bn.running_var,
                            sizes=sizes)
+    results["native"] = sbt._native is not None  # the C++ autograd node ran the eager path
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     if mode == "ddp":
         dist.destroy_process_group()
