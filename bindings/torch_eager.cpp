@@ -17,17 +17,21 @@
 //                             Python types in forward and in backward;
 //   composite_grads(...)      the gradients as a differentiable graph of torch ops, for
 //                             double backward, batched gradients and dual tensors.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/dlpack.h>  // before syncbn's headers (syncbn/dlpack.h uses it then)
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstdint>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -36,7 +40,6 @@
 
 namespace syncbn_eager {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -89,21 +92,6 @@ struct Views {
   TORCH_CHECK(false, "syncbn_eager.raise_error returned without raising");
 }
 
-// What forward passes the node besides the differentiable inputs.
-struct Params {
-  OptTensor running_mean, running_var, batches;
-  double momentum = 0.1, eps = 1e-5;
-  int64_t comm = 0, layer = 0;
-  std::string name;
-  bool verify = true, unbiased = true;
-};
-
-// What forward hands back besides y (activation checkpointing reuses it).
-struct Saved {
-  at::Tensor mean, invstd;
-  double count = 0;
-};
-
 syncbn::Communicator* comm_of(int64_t address) {
   return reinterpret_cast<syncbn::Communicator*>(address);
 }
@@ -119,56 +107,27 @@ bool wants_composite(const at::Tensor& dy) {
   return dy._fw_grad(/*level=*/0).defined();
 }
 
-struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
-                            const OptTensor& bias, const Params* p, Saved* out) {
-    TORCH_CHECK(table != nullptr, "syncbn_eager.forward: call syncbn_eager.init first");
-    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    const int64_t C = x.dim() > 1 ? x.size(1) : 0;
-    at::Tensor y = at::empty_like(x);
-    const auto f64 = x.options().dtype(at::kDouble).memory_format(std::nullopt);
-    out->mean = at::empty({C}, f64);
-    out->invstd = at::empty({C}, f64);
-    syncbn::ForwardOptions opt;
-    opt.axis = 1;
-    opt.momentum = p->momentum;
-    opt.eps = p->eps;
-    opt.unbiased_running_var = p->unbiased;
-    opt.layer = p->layer;
-    opt.layer_name = p->name.empty() ? nullptr : p->name.c_str();
-    opt.verify = p->verify;
-    Views v;
-    int64_t* batches =
-        p->batches && p->batches->defined() ? p->batches->data_ptr<int64_t>() : nullptr;
-    std::exception_ptr error;
-    if (table->forward(v(x), v(w), v(b), v(p->running_mean.value_or(at::Tensor())),
-                       v(p->running_var.value_or(at::Tensor())), v(y), v(out->mean), v(out->invstd),
-                       batches, &opt, comm_of(p->comm), &out->count, &error))
-      raise(error);
-    ctx->save_for_backward({x, w, b});
-    ctx->saved_data["mean"] = out->mean;
-    ctx->saved_data["invstd"] = out->invstd;
-    ctx->saved_data["count"] = out->count;
-    ctx->saved_data["comm"] = p->comm;
-    ctx->saved_data["layer"] = p->layer;
-    ctx->saved_data["name"] = p->name;
-    ctx->saved_data["verify"] = p->verify;
-    ctx->saved_data["unbiased"] = p->unbiased;
-    ctx->saved_data["eps"] = p->eps;
-    return y;
+// The backward node, made the way torch's generated nodes are (a torch::autograd::Node
+// with saved variables, not a torch::autograd::Function, whose generic bookkeeping costs
+// a small layer's backward about a tenth more inside a training step): next edges to x,
+// weight and bias (an empty edge for an absent one).
+struct SyncBatchNormBackward : public torch::autograd::Node {
+  std::string name() const override { return "SyncBatchNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &w = s[1], &b = s[2], &dy = grads[0];
-    // needs_input_grad counts the node's edges: one per defined tensor among x, w, b.
-    std::array<bool, 3> needs{};
-    for (size_t i = 0, edge = 0; i < 3; ++i)
-      if (s[i].defined() || i == 0) needs[i] = ctx->needs_input_grad(edge++);
-    variable_list out(5);  // x, weight, bias, and the two non-tensor arguments
-    const auto& d = ctx->saved_data;
-    const int64_t comm = d.at("comm").toInt(), layer = d.at("layer").toInt();
-    const std::string& name = d.at("name").toStringRef();
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(3);
+    const at::Tensor& dy = grads.at(0);
+    const std::array<bool, 3> needs{task_should_compute_output(0), task_should_compute_output(1),
+                                    task_should_compute_output(2)};
+    if (!dy.defined() || !(needs[0] || needs[1] || needs[2])) return out;
+    const at::Tensor x = x_.unpack(), w = weight_.unpack(), b = bias_.unpack();
     if (wants_composite(dy)) {
       static auto op =
           c10::Dispatcher::singleton()
@@ -176,32 +135,38 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
               .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                              const OptTensor&, int64_t, int64_t, c10::string_view,
                                              bool, double, std::array<bool, 3>)>();
-      std::vector<at::Tensor> g =
-          op.call(dy, x, w.defined() ? OptTensor(w) : std::nullopt,
-                  b.defined() ? OptTensor(b) : std::nullopt, comm, layer, name,
-                  d.at("unbiased").toBool(), d.at("eps").toDouble(), needs);
+      std::vector<at::Tensor> g = op.call(dy, x, w.defined() ? OptTensor(w) : std::nullopt,
+                                          b.defined() ? OptTensor(b) : std::nullopt, comm, layer,
+                                          layer_name, unbiased, eps, needs);
       for (size_t i = 0, k = 0; i < 3; ++i)
         if (needs[i]) out[i] = g.at(k++);
       return out;
     }
     if (needs[0]) out[0] = at::empty_like(x);
     if (needs[1]) out[1] = at::empty_like(w);
-    if (needs[2]) out[2] = at::empty_like(w.defined() ? w : b);
+    if (needs[2]) out[2] = at::empty_like(b);
     syncbn::BackwardOptions opt;
     opt.axis = 1;
     opt.training = true;
-    opt.count = d.at("count").toDouble();
+    opt.count = count;
     opt.layer = layer;
-    opt.layer_name = name.empty() ? nullptr : name.c_str();
-    opt.verify = d.at("verify").toBool();
-    const at::Tensor mean = d.at("mean").toTensor(), invstd = d.at("invstd").toTensor();
+    opt.layer_name = layer_name.empty() ? nullptr : layer_name.c_str();
+    opt.verify = verify;
     Views v;
     std::exception_ptr error;
+    // Needs dx (the all-reduce) when x needs a gradient; any of the three may be absent.
     if (table->backward(v(dy), v(x), v(mean), v(invstd), v(w), v(out[0]), v(out[1]), v(out[2]),
                         &opt, comm_of(comm), &error))
       raise(error);
     return out;
   }
+
+  torch::autograd::SavedVariable x_, weight_, bias_;
+  at::Tensor mean, invstd;  // the forward's global statistics (float64, (C,))
+  double count = 0, eps = 1e-5;
+  int64_t comm = 0, layer = 0;
+  std::string layer_name;
+  bool verify = true, unbiased = true;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, double> forward(
@@ -209,11 +174,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double> forward(
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& batches,
     double momentum, double eps, int64_t comm, int64_t layer, c10::string_view name, bool verify,
     bool unbiased) {
-  Params p{running_mean, running_var, batches,           momentum, eps,
-           comm,         layer,       std::string(name), verify,   unbiased};
-  Saved out;
-  at::Tensor y = SyncBatchNorm::apply(x, weight, bias, &p, &out);
-  return {y, out.mean, out.invstd, out.count};
+  TORCH_CHECK(table != nullptr, "syncbn_eager.forward: call syncbn_eager.init first");
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  const int64_t C = x.dim() > 1 ? x.size(1) : 0;
+  at::Tensor y, mean, invstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;  // allocations need no autograd
+    y = at::empty_like(x);
+    const auto f64 = x.options().dtype(at::kDouble).memory_format(std::nullopt);
+    mean = at::empty({C}, f64);
+    invstd = at::empty({C}, f64);
+  }
+  syncbn::ForwardOptions opt;
+  opt.axis = 1;
+  opt.momentum = momentum;
+  opt.eps = eps;
+  opt.unbiased_running_var = unbiased;
+  opt.layer = layer;
+  const std::string layer_name(name);
+  opt.layer_name = layer_name.empty() ? nullptr : layer_name.c_str();
+  opt.verify = verify;
+  Views v;
+  int64_t* step = batches && batches->defined() ? batches->data_ptr<int64_t>() : nullptr;
+  double count = 0;
+  std::exception_ptr error;
+  if (table->forward(v(x), v(w), v(b), v(running_mean.value_or(at::Tensor())),
+                     v(running_var.value_or(at::Tensor())), v(y), v(mean), v(invstd), step, &opt,
+                     comm_of(comm), &count, &error))
+    raise(error);
+  if (torch::autograd::compute_requires_grad(x, w, b)) {
+    auto node = c10::make_intrusive<SyncBatchNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->weight_ = torch::autograd::SavedVariable(w, false);
+    node->bias_ = torch::autograd::SavedVariable(b, false);
+    node->mean = mean;
+    node->invstd = invstd;
+    node->count = count;
+    node->eps = eps;
+    node->comm = comm;
+    node->layer = layer;
+    node->layer_name = layer_name;
+    node->verify = verify;
+    node->unbiased = unbiased;
+    torch::autograd::set_history(y, node);
+  }
+  return {y, mean, invstd, count};
 }
 
 }  // namespace syncbn_eager
