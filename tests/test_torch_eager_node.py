@@ -121,3 +121,30 @@ def test_python_function_trains_equal_to_batchnorm_across_ranks(tmp_path):
     run_mpi(3, WORKERS / "torch_train.py", tmp_path, "mpi", timeout=300, env=env)
     check_training_results(tmp_path, 3)
     assert not any(torch.load(tmp_path / f"rank{r}.pt")["native"] for r in range(3))
+
+
+def test_compiled_autograd_gets_the_traceable_python_function():
+    """Compiled autograd traces backward nodes; the C++ node's backward reads memory and
+    cannot be traced, so a forward that compiled autograd may see runs the Python Function
+    (a graph break there) and gives eager's gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4)
+    grads = []
+    for compiled in (False, True):
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), sbt.SyncBatchNorm(4))
+        torch.manual_seed(1)
+        m[0].reset_parameters()
+        if compiled:
+            from torch._dynamo import compiled_autograd
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dynamo's warning about the opaque call
+                with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                    y = m(x)
+                    assert y.grad_fn.name() == "_SyncBatchNormFunctionBackward"
+                    y.square().sum().backward()
+        else:
+            m(x).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

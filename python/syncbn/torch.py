@@ -22,6 +22,7 @@ load both ways with ``torch.nn.BatchNorm*d``). Training runs the core: one all-r
 from __future__ import annotations
 
 import collections
+import sys
 import warnings
 
 import numpy as np
@@ -200,6 +201,15 @@ def _native_composite_grads(dy, x, weight, bias, comm, layer, name, unbiased, ep
     like = (x, weight, bias)
     return [torch.zeros_like(like[i]) if g is None else g
             for i, g in enumerate(grads) if needs[i]]
+
+
+def _compiled_autograd() -> bool:
+    """Whether compiled autograd may trace this forward's backward: the C++ node cannot be
+    traced (its backward reads memory), the Python Function can (as an opaque call)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    if ca is None:
+        return False
+    return ca.compiled_autograd_enabled or sys.modules["torch._dynamo.config"].compiled_autograd
 
 
 def _load_native():
@@ -544,7 +554,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                      comm, 1, True, self.layer_id,
                                                      self.layer_name, self.eps)
         step = nbt if update and nbt is not None else None
-        if _native is not None and not input.is_cuda:
+        if _native is not None and not input.is_cuda and not _compiled_autograd():
             addr = _native_comms.get(comm)
             if addr is None:
                 addr = _native_comm(comm)
