@@ -142,9 +142,12 @@ struct SyncBatchNormBackward : public torch::autograd::Node {
         if (needs[i]) out[i] = g.at(k++);
       return out;
     }
-    if (needs[0]) out[0] = at::empty_like(x);
-    if (needs[1]) out[1] = at::empty_like(w);
-    if (needs[2]) out[2] = at::empty_like(b);
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;  // allocations need no autograd
+      if (needs[0]) out[0] = at::empty_like(x);
+      if (needs[1]) out[1] = at::empty_like(w);
+      if (needs[2]) out[2] = at::empty_like(b);
+    }
     syncbn::BackwardOptions opt;
     opt.axis = 1;
     opt.training = true;
