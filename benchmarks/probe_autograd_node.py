@@ -1,18 +1,20 @@
 """What a Python autograd node costs a BatchNorm layer inside a training step, against a
 C++ one (issue 10, part 7: the in-situ tax).
 
-syncbn's eager path is a Python ``torch.autograd.Function`` around the core. Timed where
+syncbn's eager path was a Python ``torch.autograd.Function`` around the core. Timed where
 the layers run (bench_torch.bn_in_situ: whole ResNet-18 training steps), its backward node
-costs 1.4-2x torch's on the small layers, while the core's own backward costs about what
-torch's whole node does. This probe separates the node from the kernels, with five
-ResNet-18s that differ only in their BatchNorm layers' training forward and backward:
+cost 1.4-2x torch's on the small layers, while the core's own backward costs about what
+torch's whole node does. This probe separates the node from the kernels (it led to the
+adapter's C++ node, libsyncbn_torch_eager), with five ResNet-18s that differ only in their
+BatchNorm layers' training forward and backward:
 
 * ``torch``: ``torch.nn.BatchNorm2d`` (torch's generated C++ node);
 * ``python``: torch's own kernels (``aten::native_batch_norm`` and its backward) behind a
   ``torch.autograd.Function`` in Python, shaped like syncbn's (saved tensors, a stats
   tuple on ctx);
 * ``cpp``: the same kernels behind a ``torch::autograd::Function`` in C++;
-* ``syncbn``: ``syncbn.torch.convert_sync_batchnorm`` (the adapter as it is);
+* ``syncbn``: ``syncbn.torch.convert_sync_batchnorm`` (the adapter as it is: since the
+  seventh session its C++ node where it was built, else the Python Function);
 * ``syncbn_cpp``: syncbn's core (its installed C++ package: headers and the static core
   library) behind a ``torch::autograd::Function`` in C++, on a world of one (a
   ``LocalCommunicator``), float32 only.

@@ -9,8 +9,9 @@ The module is a ``torch.nn.SyncBatchNorm`` (same parameters and buffers, so stat
 load both ways with ``torch.nn.BatchNorm*d``). Training runs the core: one all-reduce of
 2C+17 float64 values forward and one backward, whatever the world size. Which path runs:
 
-* eager: an autograd.Function over the core's composed forward/backward (the fast path);
-  its backward is itself differentiable when a graph is built (``create_graph=True``);
+* eager: the core's composed forward/backward behind a C++ autograd node on the CPU
+  (libsyncbn_torch_eager, where built for this torch), else behind an autograd.Function;
+  either backward is itself differentiable when a graph is built (``create_graph=True``);
 * under torch.compile: the custom ops of ``syncbn._torch_ops`` (no graph break; an
   ordering token keeps every rank's collectives in one order);
 * under torch.func transforms (vmap, jvp, grad) and forward-mode AD: a composition of
@@ -177,7 +178,7 @@ class _RecomputedFunction(torch.autograd.Function):
 # same core calls, without a Python autograd node, whose Python costs a small layer more
 # than its kernels inside a training step. Built against one torch (SYNCBN_WITH_TORCH at
 # build time), so loaded only under that torch; SYNCBN_TORCH_EAGER=python keeps the Python
-# Function. CUDA tensors and masks stay on the Python Function.
+# Function. CUDA tensors, the Keras adapter and compiled autograd keep the Python Function.
 
 _native_comms: dict = {}  # communicator -> its address, for the node
 _native_by_address: dict = {}  # and back; both keep it alive while nodes may hold it
