@@ -555,7 +555,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                      comm, 1, True, self.layer_id,
                                                      self.layer_name, self.eps)
         step = nbt if update and nbt is not None else None
-        if _native is not None and not input.is_cuda and not _compiled_autograd():
+        if _native is not None and input.is_cpu and not _compiled_autograd():
             addr = _native_comms.get(comm)
             if addr is None:
                 addr = _native_comm(comm)
