@@ -555,31 +555,29 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                                      comm, 1, True, self.layer_id,
                                                      self.layer_name, self.eps)
         step = nbt if update and nbt is not None else None
+        # num_batches_tracked: the core adds 1 on success where it can (one int64 on the CPU).
+        batches = step if step is not None and step.dtype is torch.long and not step.is_cuda \
+            else None
         if _native is not None and input.is_cpu and not _compiled_autograd():
             addr = _native_comms.get(comm)
             if addr is None:
                 addr = _native_comm(comm)
-            counted = step is not None and step.dtype is torch.long and not step.is_cuda
-            y, mean, invstd, count = _native(input, weight, bias, rm, rv,
-                                             step if counted else None, momentum, self.eps,
-                                             addr, self.layer_id, self.layer_name,
+            y, mean, invstd, count = _native(input, weight, bias, rm, rv, batches, momentum,
+                                             self.eps, addr, self.layer_id, self.layer_name,
                                              _fn._fingerprint, True)
-            if not _grad_enabled() or (_top_hooks(True) and _may_be_recomputed()):
-                saved.append((input.shape, mean, invstd, count, comm))
-            if step is not None and not counted:
-                step.add_(1)
-            return y
-        info = {"layer": self.layer_id, "name": self.layer_name,
-                "batches": step if step is not None and step.dtype is torch.long
-                and not step.is_cuda else None}
-        y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, momentum, self.eps, comm,
-                                         1, True, info)
+            counted = batches is not None
+        else:
+            info = {"layer": self.layer_id, "name": self.layer_name, "batches": batches}
+            y = _SyncBatchNormFunction.apply(input, weight, bias, rm, rv, momentum, self.eps,
+                                             comm, 1, True, info)
+            mean, invstd, count = info["mean"], info["invstd"], info["count"]
+            counted = "counted" in info
         if not _grad_enabled() or (_top_hooks(True) and _may_be_recomputed()):
-            saved.append((input.shape, info["mean"], info["invstd"], info["count"], comm))
+            saved.append((input.shape, mean, invstd, count, comm))
         # Only after a successful call (a failed one leaves every buffer as it was); an
         # all-empty step counts, as in torch's BatchNorm and SyncBatchNorm (its running
         # stats stay as they were). On the CPU the core has counted it already.
-        if step is not None and "counted" not in info:
+        if step is not None and not counted:
             step.add_(1)
         return y
 
