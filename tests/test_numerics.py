@@ -102,6 +102,18 @@ def test_large_inputs_split_over_threads_match_reference(shape, axis):
     check_train(x, dy, axis, np.float64)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=["f64", "f32", "f16"])
+def test_large_channels_last_backward_matches_reference(dtype):
+    # Channels last, more than 1 MiB of x and dy per thread: the backward reduction runs
+    # along the rows (traverse.h, reduce_rows); 67 channels leave a tail of 3 per row.
+    r = rng(5)
+    shape = (16, 40, 40, 67)
+    x = (r.standard_normal(shape) * 2 + 1).astype(dtype).transpose(0, 3, 1, 2)
+    dy = r.standard_normal(shape).astype(dtype).transpose(0, 3, 1, 2)
+    assert x.nbytes * 2 > 4 * 2**20  # above the threshold for up to 4 threads
+    check_train(x, dy, 1, dtype)
+
+
 # ---- layouts ------------------------------------------------------------------------
 
 

@@ -8,7 +8,9 @@
 // elements (parameters expanded to length L when inner > 1, used as they are when
 // inner == 1). Reductions cut the row in tiles of 16 elements; a tile runs down a chunk
 // of rows with its sums and parameters in vector registers, so a row costs loads of x
-// only (2x faster than summing into memory along the row); maps run along the row.
+// only (2x faster than summing into memory along the row where x is in cache); two-input
+// reductions too large for a core's cache (the backward's x and dy in a training step)
+// run along the rows instead, in address order (see reduce_rows). Maps run along the row.
 //
 // Each thread's share runs through run_isa(): compiled twice (baseline and AVX2+FMA,
 // chosen at run time) with everything inlined into it, so the extension still loads on
@@ -30,6 +32,7 @@ namespace syncbn::cpu {
 constexpr int64_t kRunMin = 16;
 constexpr int64_t kChunk = 1 << 14;  // rows mode: elements of the rows one tile pass reads
 constexpr int64_t kBlock = 1 << 14;
+constexpr int64_t kStreamBytes = 1 << 20;  // rows mode: a thread's inputs above this stream
 
 // Runs are reduced 8 elements at a time into two 4-lane double accumulators: explicit
 // vectors, because the compiler keeps an array of scalar lanes in memory when runs are
@@ -196,6 +199,35 @@ inline void reduce_tile(const T* x0, const T1* x1, const double* pr, int64_t L, 
     for (int l = 0; l < 4; ++l) pa[j + 4 * w + l] += a[w][l], pb[j + 4 * w + l] += q[w][l];
 }
 
+// Adds the sums of rows [b, e) to pa, pb along each row, in address order, with the sums
+// in memory (L1) rather than registers. For a thread's share of two inputs above
+// kStreamBytes (ResNet-18's channels_last backward from (8, 64, 24, 24) on: x was saved by
+// the forward long before and comes from memory) this is what the hardware prefetchers
+// follow best: in situ in training steps (bench_torch --resnet18) the backward node at
+// channels_last (8, 64, 48, 48) took 0.77-0.85 of its time with the tiles, which walk
+// down the rows one cache line each, even with software prefetching. Below that size the
+// tiles stay faster (the data is in cache and the loads and stores of the sums cost).
+template <class T, class T1, class F>
+inline void reduce_rows(const T* __restrict x0, const T1* __restrict x1,
+                        const double* __restrict pr, int64_t L, int64_t b, int64_t e,
+                        double* __restrict pa, double* __restrict pb, F& f) {
+  for (int64_t o = b; o < e; ++o) {
+    const int64_t off = o * L;
+    int64_t j = 0;
+    for (; j + 4 <= L; j += 4) {
+      vec4 a = loadu4(pa + j), q = loadu4(pb + j);
+      const vec4 v = load4(x0 + off + j);
+      f(v, second(x1, off + j, v), loadu4(pr + j), a, q);
+      __builtin_memcpy(pa + j, &a, sizeof a);
+      __builtin_memcpy(pb + j, &q, sizeof q);
+    }
+    for (; j < L; ++j) {
+      const double v = load<double>(x0 + off + j);
+      f(v, second(x1, off + j, v), pr[j], pa[j], pb[j]);
+    }
+  }
+}
+
 // Per channel c: out_a[c] = sum of a-contributions, out_b[c] = sum of b-contributions,
 // where f(v0, v1, p, a, b) adds those of one element (v0 from x0, v1 from x1, both as
 // double; p = param[c]); f is generic, also called with vec4 for 4 elements at once.
@@ -253,6 +285,9 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
           split(O, t, nt, &b, &e);
         }
         const double* pr = prow;
+        constexpr bool two = !std::is_same_v<T1, std::nullptr_t>;
+        if (two && !by_positions && (e - b) * L * int64_t(2 * sizeof(T)) > kStreamBytes)
+          return reduce_rows(x0, x1, pr, L, b, e, pa, pb, f);
         for_each_chunk(
             L, b, e, jb, je,
             [&](int64_t j, int64_t o0, int64_t o1) {
