@@ -8,9 +8,10 @@
 // elements (parameters expanded to length L when inner > 1, used as they are when
 // inner == 1). Reductions cut the row in tiles of 16 elements; a tile runs down a chunk
 // of rows with its sums and parameters in vector registers, so a row costs loads of x
-// only (2x faster than summing into memory along the row where x is in cache); two-input
-// reductions too large for a core's cache (the backward's x and dy in a training step)
-// run along the rows instead, in address order (see reduce_rows). Maps run along the row.
+// only (2x faster than summing into memory along the row where x is in cache); large
+// two-input reductions over rows of 64-128 positions (the backward's x and dy in a
+// channels_last training step) run along the rows instead, in address order (see
+// reduce_rows). Maps run along the row.
 //
 // Each thread's share runs through run_isa(): compiled twice (baseline and AVX2+FMA,
 // chosen at run time) with everything inlined into it, so the extension still loads on
@@ -32,7 +33,15 @@ namespace syncbn::cpu {
 constexpr int64_t kRunMin = 16;
 constexpr int64_t kChunk = 1 << 14;  // rows mode: elements of the rows one tile pass reads
 constexpr int64_t kBlock = 1 << 14;
-constexpr int64_t kStreamBytes = 1 << 20;  // rows mode: a thread's inputs above this stream
+// Rows mode, two inputs: a thread's share above kStreamBytes in rows of kStreamRowMin to
+// kStreamRowMax positions is summed along the rows (reduce_rows), not in tiles.
+constexpr int64_t kStreamBytes = 1 << 20;
+constexpr int64_t kStreamRowMin = 64, kStreamRowMax = 128;
+// 0: that rule; 1: tiles only; 2: along the rows at any row length (above kStreamBytes).
+// benchmarks/bench_reduce_walk.py builds each to compare them; the package builds 0.
+#ifndef SYNCBN_REDUCE_WALK
+#define SYNCBN_REDUCE_WALK 0
+#endif
 
 // Runs are reduced 8 elements at a time into two 4-lane double accumulators: explicit
 // vectors, because the compiler keeps an array of scalar lanes in memory when runs are
@@ -200,13 +209,16 @@ inline void reduce_tile(const T* x0, const T1* x1, const double* pr, int64_t L, 
 }
 
 // Adds the sums of rows [b, e) to pa, pb along each row, in address order, with the sums
-// in memory (L1) rather than registers. For a thread's share of two inputs above
-// kStreamBytes (ResNet-18's channels_last backward from (8, 64, 24, 24) on: x was saved by
-// the forward long before and comes from memory) this is what the hardware prefetchers
-// follow best: in situ in training steps (bench_torch --resnet18) the backward node at
-// channels_last (8, 64, 48, 48) took 0.77-0.85 of its time with the tiles, which walk
-// down the rows one cache line each, even with software prefetching. Below that size the
-// tiles stay faster (the data is in cache and the loads and stores of the sums cost).
+// in memory (L1) rather than registers. Where x and dy come from memory (the backward's x
+// was saved by the forward long before) and a row is 4-8 tiles long, the tiles' walk down
+// the rows, one cache line of each row per pass, is what the hardware prefetchers follow
+// worst, even with software prefetching: in situ in training steps (bench_torch
+// --resnet18) the backward node at channels_last (8, 64, 48, 48) went from 1.09-1.18 of
+// torch's to 0.90-1.08. benchmarks/bench_reduce_walk.py, time / the tiles' from memory and in
+// cache: rows of 64-128 positions 0.57-0.72 and 0.59-1.36 (in cache the loads and stores
+// of the sums cost more than the walk saves); 16-32 positions, where a tile is most of a
+// row, 1.09-1.23 and 1.65-1.89; 256-2304 positions 0.59-0.84 and 0.64-1.82. Only the
+// first run along the rows.
 template <class T, class T1, class F>
 inline void reduce_rows(const T* __restrict x0, const T1* __restrict x1,
                         const double* __restrict pr, int64_t L, int64_t b, int64_t e,
@@ -286,8 +298,11 @@ void reduce_channels(const Geometry& g, const T* x0, const T1* x1, const double*
         }
         const double* pr = prow;
         constexpr bool two = !std::is_same_v<T1, std::nullptr_t>;
-        if (two && !by_positions && (e - b) * L * int64_t(2 * sizeof(T)) > kStreamBytes)
-          return reduce_rows(x0, x1, pr, L, b, e, pa, pb, f);
+        const bool rows_walk =
+            two && !by_positions && (e - b) * L * int64_t(2 * sizeof(T)) > kStreamBytes &&
+            (SYNCBN_REDUCE_WALK == 2 ||
+             (SYNCBN_REDUCE_WALK == 0 && L >= kStreamRowMin && L <= kStreamRowMax));
+        if (rows_walk) return reduce_rows(x0, x1, pr, L, b, e, pa, pb, f);
         for_each_chunk(
             L, b, e, jb, je,
             [&](int64_t j, int64_t o0, int64_t o1) {
