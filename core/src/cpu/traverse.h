@@ -214,9 +214,9 @@ inline void reduce_tile(const T* x0, const T1* x1, const double* pr, int64_t L, 
 // the rows, one cache line of each row per pass, is what the hardware prefetchers follow
 // worst, even with software prefetching: in situ in training steps (bench_torch
 // --resnet18) the backward node at channels_last (8, 64, 48, 48) went from 1.09-1.18 of
-// torch's to 0.90-1.08. benchmarks/bench_reduce_walk.py, time / the tiles' from memory and in
-// cache: rows of 64-128 positions 0.57-0.72 and 0.59-1.36 (in cache the loads and stores
-// of the sums cost more than the walk saves); 16-32 positions, where a tile is most of a
+// torch's to 0.90-1.14 (median 0.96). benchmarks/bench_reduce_walk.py, time / the tiles' from
+// memory and in cache: rows of 64-128 positions 0.57-0.72 and 0.59-1.36 (in cache the loads and
+// stores of the sums cost more than the walk saves); 16-32 positions, where a tile is most of a
 // row, 1.09-1.23 and 1.65-1.89; 256-2304 positions 0.59-0.84 and 0.64-1.82. Only the
 // first run along the rows.
 template <class T, class T1, class F>
