@@ -43,6 +43,9 @@ CASES = {
     "counting-communicator": dict(sizes=[2, 0, 3, 1], tail=(5, 3), axis=1, comm="counting"),
     "mpi-split-subgroups": dict(sizes=[2, 3, 1, 2], tail=(3, 4), axis=1, comm="split"),
     "syncbn-comm-split": dict(sizes=[1, 0, 3, 2], tail=(3, 4), axis=1, comm="syncbn_split"),
+    # Over 1 MiB of x and dy per rank in rows of 67 channels: the backward reduction runs
+    # along the rows (core/src/cpu/traverse.h, reduce_rows), with a tail of 3 per row.
+    "large-nhwc-rows-walk": dict(sizes=[6, 0, 8, 5], tail=(20, 20, 67), axis=-1, steps=2),
 }
 
 # Tolerances relative to max(1, |ref|): output rounding of the dtype dominates.
